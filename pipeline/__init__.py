@@ -1,0 +1,1 @@
+"""dcd library: data, models, losses, knowledge cache, evaluation and runtime helpers."""

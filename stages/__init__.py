@@ -1,0 +1,1 @@
+"""dcd stages: one module per pipeline stage, each with one entry point taking a config."""

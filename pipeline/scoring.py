@@ -1,0 +1,132 @@
+"""Scoring (image, caption) pairs with a fusion model, reusing each image's visual embeddings.
+
+ViLT embeds an image (patch projection, position and [CLS] tokens) before fusion. That part
+depends on the image only, so it runs once per distinct image in a batch and is shared by every
+caption paired with it; the fused transformer then runs once per pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import ViltForImageAndTextRetrieval
+
+from pipeline.images import FixedSizeImages, ViltImages
+from pipeline.text import TokenizedCaptions
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision on CPU (bf16 matmuls are slow on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def embed_images(
+    model: ViltForImageAndTextRetrieval, pixel_values: torch.Tensor, pixel_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual embeddings (B, 1 + P, D) and their mask (B, 1 + P), in canonical patch order.
+
+    transformers' `visual_embed` draws a random patch order (and samples patches beyond
+    `max_image_length`); sorting by patch position makes the result independent of the RNG
+    whenever no patches are dropped, so the same image always gives the same embeddings.
+    """
+    embeddings = model.vilt.embeddings
+    x, x_mask, (patch_index, _) = embeddings.visual_embed(
+        pixel_values, pixel_mask, max_image_length=model.config.max_image_length
+    )
+    width = int(patch_index[..., 1].max()) + 1
+    order = (patch_index[..., 0] * width + patch_index[..., 1]).argsort(dim=1, stable=True)  # (B, P)
+    order = torch.cat([torch.zeros_like(order[:, :1]), order + 1], dim=1)  # keep [CLS] first
+    x = torch.gather(x, 1, order[..., None].expand_as(x))
+    x_mask = torch.gather(x_mask, 1, order)
+    return x, x_mask
+
+
+def fused_logits(
+    model: ViltForImageAndTextRetrieval,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_embeds: torch.Tensor,
+    image_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Retrieval logits (P,) for P pairs: text rows (P, L) with image embeddings (P, 1 + Q, D)."""
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        image_embeds=image_embeds,
+        pixel_mask=image_mask,
+    )
+    return output.logits[:, 0]
+
+
+@dataclass
+class PairScorer:
+    """Scores pairs of ids: images from `images`, captions from `captions`."""
+
+    model: ViltForImageAndTextRetrieval
+    images: FixedSizeImages | ViltImages
+    captions: TokenizedCaptions
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.model.to(self.device)
+
+    def logits(self, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (P,) for P pairs (image_ids[p], caption_ids[p]); differentiable in train mode."""
+        unique, inverse = torch.unique(image_ids, return_inverse=True)
+        pixels, mask = self.images.batch(unique.tolist())
+        with autocast(self.device):
+            embeds, embed_mask = embed_images(
+                self.model, pixels.to(self.device), mask.to(self.device)
+            )
+            input_ids, attention = self.captions.batch(caption_ids)
+            logits = fused_logits(
+                self.model,
+                input_ids.to(self.device),
+                attention.to(self.device),
+                embeds[inverse.to(self.device)],
+                embed_mask[inverse.to(self.device)],
+            )
+        return logits.float()
+
+    def group_logits(self, group: torch.Tensor) -> torch.Tensor:
+        """Logits (G, G) of a group (G, 2) of (image_id, caption_id): [i, j] = image i, caption j."""
+        size = len(group)
+        image_ids = group[:, 0].repeat_interleave(size)  # (G * G,) row-major
+        caption_ids = group[:, 1].repeat(size)
+        return self.logits(image_ids, caption_ids).view(size, size)
+
+    @torch.inference_mode()
+    def matrix(
+        self, image_ids: list[int], caption_ids: list[int], pairs_per_batch: int = 1024
+    ) -> torch.Tensor:
+        """Scores (I, C) of every image against every caption, on the CPU.
+
+        Batches never mix images, so a row's scores do not depend on which other images are
+        scored in the same call (a split over workers gives identical numbers).
+        """
+        rows = [self._row(image_id, caption_ids, pairs_per_batch) for image_id in image_ids]
+        return torch.stack(rows) if rows else torch.empty(0, len(caption_ids))
+
+    def _row(self, image_id: int, caption_ids: list[int], pairs_per_batch: int) -> torch.Tensor:
+        captions = torch.tensor(caption_ids, dtype=torch.long)
+        chunks = [
+            self.logits(torch.full((len(chunk),), image_id, dtype=torch.long), chunk).cpu()
+            for chunk in _chunks(captions, pairs_per_batch)
+        ]
+        return torch.cat(chunks)
+
+
+def _chunks(values: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]

@@ -1,0 +1,156 @@
+"""The `dcd` command: parses arguments, builds a validated config and calls one stage.
+
+    dcd --help
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from pipeline.config import ConfigError, load_config
+from pipeline.groups import GroupError
+from pipeline.images import ImageError
+from pipeline.karpathy import DataError
+from pipeline.models import ModelError
+from pipeline.runtime import setup_logging
+from pipeline.text import TokenizerError
+from pipeline.training import TrainingError
+
+app = typer.Typer(help="Dynamic Contrastive Distillation for image-text retrieval.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: generate the shapes benchmark, check a dataset.",
+                       no_args_is_help=True)
+teacher_app = typer.Typer(help="The teacher: fine-tune it, cache its knowledge.",
+                          no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(teacher_app, name="teacher")
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DataError, ModelError, ImageError, TokenizerError, GroupError, TrainingError,
+)
+log = logging.getLogger("dcd")
+T = TypeVar("T")
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config file (defaults if omitted).")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="Override a config field: --set dotted.key=value (repeatable).")]
+OutOpt = Annotated[Path | None, typer.Option(help="Output folder (config key `out`).")]
+
+
+def register_errors(*errors: type[Exception]) -> None:
+    """Let a stage module add its error types to those shown without a traceback."""
+    global USER_ERRORS
+    USER_ERRORS = USER_ERRORS + errors
+
+
+def guarded(call: Callable[[], T]) -> T:
+    """Run a stage; user-facing errors become one clear message and exit status 2."""
+    try:
+        return call()
+    except USER_ERRORS as error:
+        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
+def build(schema: type[T], config: Path | None, overrides: list[str] | None, /, **flags) -> T:
+    """Config from file, then `--set` overrides, then the dedicated flags that were given."""
+    extra = [f"{key}={json.dumps(str(v)) if isinstance(v, Path) else json.dumps(v)}"
+             for key, v in flags.items() if v is not None]
+    return guarded(lambda: load_config(schema, config, [*(overrides or []), *extra]))
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    setup_logging("DEBUG" if verbose else "INFO")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Option(help="Folder to write dataset.json and images/ into.")] = (
+        Path("data/shapes")
+    ),
+    seed: int = 0,
+    train: int = 2000,
+    val: int = 100,
+    test: int = 100,
+    image_size: int = 64,
+) -> None:
+    """Generate the embedded shapes benchmark (same seed, same bytes)."""
+    from pipeline.shapes import ShapesSpec, write_shapes
+
+    for name, count in (("train", train), ("val", val), ("test", test)):
+        if count < 2 or count % 2:
+            raise typer.BadParameter(f"--{name} must be an even number >= 2 (minimal pairs)")
+    path = write_shapes(ShapesSpec(train, val, test, image_size, seed), out)
+    typer.echo(f"wrote {path} ({train + val + test} images)")
+
+
+@data_app.command("check")
+def data_check(
+    name: Annotated[str, typer.Argument(help="Dataset name from data_manifest.yaml.")],
+    manifest: Annotated[Path | None, typer.Option(help="Manifest file.")] = None,
+    images: Annotated[bool, typer.Option(help="Open every image file.")] = True,
+) -> None:
+    """Validate a dataset against the manifest and list every problem in one report."""
+    from pipeline.datacheck import check_dataset
+    from pipeline.manifest import load_manifest
+
+    spec = guarded(lambda: load_manifest(manifest).dataset(name))
+    report = guarded(lambda: check_dataset(spec, verify_images=images))
+    typer.echo(report.format())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+# --- teacher --------------------------------------------------------------------------------
+
+
+@teacher_app.command("finetune")
+def teacher_finetune(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last epoch checkpoint.")] = False,
+) -> None:
+    """Fine-tune a retrieval model with ViLT's recipe (the teacher, or a direct student)."""
+    from stages import finetune
+
+    cfg = build(finetune.FinetuneConfig, config, set_, out=out, resume=resume or None)
+    summary = guarded(lambda: finetune.run(cfg))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+# --- evaluate -------------------------------------------------------------------------------
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[Path | None, typer.Argument(help="Model folder (save_pretrained).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config file.")] = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    split: Annotated[str | None, typer.Option(help="Split to evaluate (default test).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray workers (1: in process).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster.")] = None,
+) -> None:
+    """Full-matrix retrieval evaluation: TR/IR R@1/5/10, RSUM, ranks, pairs/s."""
+    from stages import evaluate as stage
+
+    cfg = build(stage.EvaluateConfig, config, set_, model=model, out=out, split=split,
+                workers=workers, ray_address=ray_address)
+    summary = guarded(lambda: stage.run(cfg))
+    typer.echo(stage.format_table(summary))
+    typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,159 @@
+"""Shared fixtures. Data fixtures generate tiny files in tmp_path; nothing binary is checked in.
+
+Karpathy fixtures:
+- `make_karpathy(variant, splits=..., captions_per_image=...)` writes a split JSON plus real
+  image files and returns a `KarpathyFiles` (paths and the rows written, for editing);
+- `flickr_files` / `coco_files`: the two layouts with default sizes;
+- `write_manifest(datasets)`: a data_manifest.yaml in tmp_path for those files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+# Image ids and caption ids deliberately differ from row positions, so a reader that used
+# positions where the file gives ids would fail the tests.
+IMGID_BASE = 1000
+SENTID_BASE = 50_000
+
+
+@dataclass
+class KarpathyFiles:
+    json_path: Path
+    image_root: Path
+    document: dict  # what was written; edit it and call rewrite() for bad-input tests
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.document["images"]
+
+    def rewrite(self) -> None:
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        self.json_path.write_text(json.dumps(self.document))
+
+    def manifest_entry(self, **overrides) -> dict:
+        """A data_manifest.yaml entry whose split counts match the rows written."""
+        splits: dict[str, int] = {}
+        for row in self.rows:
+            splits[row["split"]] = splits.get(row["split"], 0) + 1
+        entry = {
+            "kind": "karpathy",
+            "json_path": str(self.json_path),
+            "image_root": str(self.image_root),
+            "splits": splits,
+            "captions_per_image": 5,
+        }
+        return {**entry, **overrides}
+
+    def image_file(self, row: int) -> Path:
+        item = self.rows[row]
+        folder = self.image_root / item["filepath"] if "filepath" in item else self.image_root
+        return folder / item["filename"]
+
+
+def karpathy_rows(
+    variant: str, splits: dict[str, int], captions_per_image: int, image_suffix: str = ".jpg"
+) -> list[dict]:
+    """Rows in file order: splits in the order given, `captions_per_image` captions each.
+
+    flickr: filename only ("<id>.jpg"); coco: filepath train2014/val2014 and COCO file names
+    (train and restval images live in train2014, val and test in val2014, as in the real file).
+    """
+    rows, sentid = [], SENTID_BASE
+    for split, count in splits.items():
+        for _ in range(count):
+            imgid = IMGID_BASE + len(rows)
+            sentences = [
+                {
+                    "raw": f"a picture number {imgid} caption {k}.",
+                    "sentid": sentid + k,
+                    "imgid": imgid,
+                    "tokens": ["a", "picture"],
+                }
+                for k in range(captions_per_image)
+            ]
+            row = {
+                "split": split,
+                "imgid": imgid,
+                "sentences": sentences,
+                "sentids": [s["sentid"] for s in sentences],
+            }
+            if variant == "coco":
+                folder = "train2014" if split in ("train", "restval") else "val2014"
+                row.update(
+                    filepath=folder,
+                    filename=f"COCO_{folder}_{imgid:012d}{image_suffix}",
+                    cocoid=imgid,
+                )
+            elif variant == "flickr":
+                row["filename"] = f"{imgid}{image_suffix}"
+            else:
+                raise ValueError(f"variant must be flickr or coco, got {variant!r}")
+            rows.append(row)
+            sentid += captions_per_image
+    return rows
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> None:
+    """A small real image; the format follows the suffix (JPEG for .jpg, PNG for .png)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256)
+    Image.new("RGB", size, colour).save(path)
+
+
+@pytest.fixture
+def make_karpathy(tmp_path: Path) -> Callable[..., KarpathyFiles]:
+    def make(
+        variant: str = "flickr",
+        splits: dict[str, int] | None = None,
+        captions_per_image: int = 5,
+        folder: str | None = None,
+        image_suffix: str = ".jpg",
+    ) -> KarpathyFiles:
+        splits = splits or {"train": 3, "val": 1, "test": 2}
+        base = tmp_path / (folder or variant)
+        dataset_name = {"flickr": "flickr30k", "coco": "coco"}[variant]
+        image_root = base / ("flickr30k-images" if variant == "flickr" else "images")
+        files = KarpathyFiles(
+            json_path=base / f"dataset_{dataset_name}.json",
+            image_root=image_root,
+            document={
+                "images": karpathy_rows(variant, splits, captions_per_image, image_suffix),
+                "dataset": dataset_name,
+            },
+        )
+        files.rewrite()
+        for row in range(len(files.rows)):
+            write_image(files.image_file(row), seed=row)
+        return files
+
+    return make
+
+
+@pytest.fixture
+def flickr_files(make_karpathy) -> KarpathyFiles:
+    return make_karpathy("flickr", {"train": 3, "val": 1, "test": 2})
+
+
+@pytest.fixture
+def coco_files(make_karpathy) -> KarpathyFiles:
+    return make_karpathy("coco", {"train": 2, "restval": 2, "val": 1, "test": 1})
+
+
+@pytest.fixture
+def write_manifest(tmp_path: Path) -> Callable[[dict], Path]:
+    """Write `{"datasets": datasets}` as tmp_path/data_manifest.yaml and return its path."""
+
+    def write(datasets: dict, **top_level) -> Path:
+        path = tmp_path / "data_manifest.yaml"
+        path.write_text(yaml.safe_dump({"datasets": datasets, **top_level}, sort_keys=False))
+        return path
+
+    return write

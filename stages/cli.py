@@ -20,6 +20,7 @@ from pipeline.images import ImageError
 from pipeline.karpathy import DataError
 from pipeline.models import ModelError
 from pipeline.runtime import setup_logging
+from pipeline.shards import CacheError
 from pipeline.text import TokenizerError
 from pipeline.training import TrainingError
 
@@ -29,11 +30,15 @@ data_app = typer.Typer(help="Datasets: generate the shapes benchmark, check a da
                        no_args_is_help=True)
 teacher_app = typer.Typer(help="The teacher: fine-tune it, cache its knowledge.",
                           no_args_is_help=True)
+cache_app = typer.Typer(help="The knowledge cache: verify shards against the manifest.",
+                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
+app.add_typer(cache_app, name="cache")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, ModelError, ImageError, TokenizerError, GroupError, TrainingError,
+    CacheError,
 )
 log = logging.getLogger("dcd")
 T = TypeVar("T")
@@ -127,6 +132,59 @@ def teacher_finetune(
     cfg = build(finetune.FinetuneConfig, config, set_, out=out, resume=resume or None)
     summary = guarded(lambda: finetune.run(cfg))
     typer.echo(json.dumps(summary, indent=2))
+
+
+@teacher_app.command("cache")
+def teacher_cache(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    teacher: Annotated[Path | None, typer.Option(help="Teacher model folder.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Ray actors (0: in process).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads per actor.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        envvar="RAY_ADDRESS", help="Join this Ray cluster (default: a local one).")] = None,
+) -> None:
+    """Score in-batch groups with the teacher once and write Parquet shards + manifest."""
+    from stages import cache
+
+    cfg = build(cache.CacheConfig, config, set_, out=out, teacher=teacher, workers=workers,
+                threads=threads, ray_address=ray_address)
+    summary = guarded(lambda: cache.run(cfg))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache_dir: Annotated[Path, typer.Argument(help="Cache folder (with manifest.json).")],
+    deep: Annotated[bool, typer.Option(help="Also decode every row group.")] = False,
+) -> None:
+    """Check every shard against the manifest (sha256, rows, schema); name each bad one."""
+    from pipeline.shards import verify_cache
+
+    problems = guarded(lambda: verify_cache(cache_dir, deep=deep))
+    for line in problems:
+        typer.echo(line)
+    typer.echo(f"{cache_dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command("inspect")
+def inspect(
+    cache_dir: Annotated[Path, typer.Argument(help="Cache folder.")],
+    preset: Annotated[list[str] | None, typer.Option(
+        "--preset", "-p", help="Preset report(s); default: all.")] = None,
+    sql: Annotated[str | None, typer.Option(help="Run this read-only SQL instead.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    texts: Annotated[bool, typer.Option(help="Join caption texts and image names "
+                                         "from the dataset in the cache config.")] = True,
+) -> None:
+    """Read-only DuckDB over the cache: preset reports, or any SQL (views `queries`, `candidates`)."""
+    from stages import inspect as stage
+
+    for title, text in guarded(lambda: stage.run(cache_dir, preset, sql, fmt, texts)):
+        typer.echo(f"-- {title}" if title else "")
+        typer.echo(text)
 
 
 # --- evaluate -------------------------------------------------------------------------------

@@ -157,3 +157,46 @@ def write_manifest(tmp_path: Path) -> Callable[[dict], Path]:
         return path
 
     return write
+
+
+# --- the shapes benchmark and a tiny model, shared by the stage tests -------------------------
+
+TINY_SHAPES = {"train": 64, "val": 16, "test": 16}
+
+
+@dataclass
+class TinySetup:
+    """A small generated shapes dataset, a manifest naming it, and a saved tiny model."""
+
+    root: Path
+    manifest: Path
+    model_dir: Path
+
+    def data_overrides(self) -> list[str]:
+        """`--set` overrides that point a stage config at this dataset."""
+        return [f"data.manifest={self.manifest}", "data.image_size=32", "data.max_tokens=24"]
+
+    def data_config(self):
+        from pipeline.data import DataConfig
+
+        return DataConfig(manifest=self.manifest, image_size=32, max_tokens=24)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
+    """Session-wide: shapes at 32x32 (64/16/16 images) and a 2-layer `tiny` preset model."""
+    import torch
+
+    from pipeline.models import build_model, save_model
+    from pipeline.shapes import ShapesSpec, write_shapes
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny")
+    json_path = write_shapes(ShapesSpec(image_size=32, **TINY_SHAPES), root / "shapes")
+    manifest = root / "data_manifest.yaml"
+    entry = {"kind": "generated", "json_path": str(json_path),
+             "image_root": str(json_path.parent / "images"), "splits": TINY_SHAPES,
+             "captions_per_image": 5}
+    manifest.write_text(yaml.safe_dump({"datasets": {"shapes": entry}}))
+    model_dir = save_model(build_model("tiny", seed=0), root / "tiny-model")
+    return TinySetup(root=root, manifest=manifest, model_dir=model_dir)

@@ -48,7 +48,8 @@ def drawn_batch(batch: pa.RecordBatch, candidates: int) -> DrawnBatch:
     return DrawnBatch(
         image_ids=torch.from_numpy(np.ascontiguousarray(image_ids)),
         caption_ids=torch.from_numpy(np.ascontiguousarray(caption_ids)),
-        teacher_logits=torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)),
+        # a copy: with candidates == G the slice is a read-only view of the Arrow buffer
+        teacher_logits=torch.from_numpy(np.array(logits, dtype=np.float32, order="C")),
         is_tr=torch.from_numpy(is_tr),
     )
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.selection import entropy, positive_rank, select_candidates
-from pipeline.shards import rows_to_table
+from pipeline.shards import CacheError, rows_to_table
 
 
 def draw_orders(group_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -55,8 +55,19 @@ def group_table(
     group: np.ndarray, logits: np.ndarray, round_index: int, group_id: int, keep: int,
     rng: np.random.Generator,
 ) -> pa.Table:
-    """Cache rows (2G) of one group (G, 2) of (image_id, caption_id) scored as `logits` (G, G)."""
+    """Cache rows (2G) of one group (G, 2) of (image_id, caption_id) scored as `logits` (G, G).
+
+    Raises CacheError naming the first pair when a teacher logit is NaN or infinite.
+    """
     image_ids, caption_ids = group[:, 0], group[:, 1]
+    bad = np.argwhere(~np.isfinite(logits))  # (n, 2) of (image row, caption column)
+    if len(bad):
+        row, column = bad[0]
+        raise CacheError(
+            f"round {round_index}, group {group_id}: the teacher scored image {image_ids[row]} "
+            f"with caption {caption_ids[column]} as {logits[row, column]} ({len(bad)} of "
+            f"{logits.size} logits non-finite); check the teacher's weights"
+        )
     size = len(group)
     tr = direction_rows(logits, image_ids, caption_ids, draw_orders(size, rng), keep)
     ir = direction_rows(logits.T, caption_ids, image_ids, draw_orders(size, rng), keep)

@@ -84,18 +84,32 @@ class PairScorer:
     def logits(self, image_ids: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         """Logits (P,) for P pairs (image_ids[p], caption_ids[p]); differentiable in train mode."""
         unique, inverse = torch.unique(image_ids, return_inverse=True)
-        pixels, mask = self.images.batch(unique.tolist())
+        embeds, embed_mask = self.image_embeddings(unique.tolist())
+        return self._fuse(embeds, embed_mask, inverse, caption_ids)
+
+    def image_embeddings(self, image_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual embeddings (I, 1 + Q, D) and mask (I, 1 + Q) of distinct images, on the device."""
+        pixels, mask = self.images.batch(image_ids)
         with autocast(self.device):
-            embeds, embed_mask = embed_images(
-                self.model, pixels.to(self.device), mask.to(self.device)
-            )
-            input_ids, attention = self.captions.batch(caption_ids)
+            return embed_images(self.model, pixels.to(self.device), mask.to(self.device))
+
+    def _fuse(
+        self,
+        embeds: torch.Tensor,
+        embed_mask: torch.Tensor,
+        inverse: torch.Tensor,
+        caption_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (P,): caption_ids[p] with the image embedding at row inverse[p]."""
+        input_ids, attention = self.captions.batch(caption_ids)
+        inverse = inverse.to(self.device)
+        with autocast(self.device):
             logits = fused_logits(
                 self.model,
                 input_ids.to(self.device),
                 attention.to(self.device),
-                embeds[inverse.to(self.device)],
-                embed_mask[inverse.to(self.device)],
+                embeds[inverse],
+                embed_mask[inverse],
             )
         return logits.float()
 
@@ -119,9 +133,12 @@ class PairScorer:
         return torch.stack(rows) if rows else torch.empty(0, len(caption_ids))
 
     def _row(self, image_id: int, caption_ids: list[int], pairs_per_batch: int) -> torch.Tensor:
+        # the image is embedded once and every caption chunk reuses it (a COCO 5K row is 25
+        # chunks of 1,024; from disk, ViltImages would otherwise decode the file 25 times)
+        embeds, embed_mask = self.image_embeddings([image_id])
         captions = torch.tensor(caption_ids, dtype=torch.long)
         chunks = [
-            self.logits(torch.full((len(chunk),), image_id, dtype=torch.long), chunk).cpu()
+            self._fuse(embeds, embed_mask, torch.zeros(len(chunk), dtype=torch.long), chunk).cpu()
             for chunk in _chunks(captions, pairs_per_batch)
         ]
         return torch.cat(chunks)

@@ -145,6 +145,8 @@ class Trainer:
         """Train the remaining epochs. `epoch_batches(epoch)` must be a pure function of the
         epoch (seeded), which is what makes a resumed run equal an uninterrupted one."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.state.step == 0:
+            self.metrics_path.unlink(missing_ok=True)  # a fresh run never appends to an old log
         bar = tqdm(total=self.schedule.total_steps, initial=self.state.step, desc="train",
                    unit="step", dynamic_ncols=True, mininterval=1.0)
         for epoch in range(self.state.epoch, self.schedule.epochs):
@@ -163,11 +165,12 @@ class Trainer:
         fetch_start = time.perf_counter()
         for batch in _prefetch(batches):
             window.wait += time.perf_counter() - fetch_start
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             terms = self._step(batch, loss_fn)
             window.add(terms, pairs)
             bar.update(1)
             if self.state.step % self.schedule.log_every == 0:
-                record = window.flush(self.state.step, epoch, self.scheduler.get_last_lr()[0])
+                record = window.flush(self.state.step, epoch, lr)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                 self._write_metrics(record)
             fetch_start = time.perf_counter()
@@ -177,18 +180,27 @@ class Trainer:
         terms = loss_fn(batch)
         total = terms["total"]
         if not torch.isfinite(total):
-            raise TrainingError(
-                f"non-finite loss {total.item()} at step {self.state.step + 1}; the last good "
-                f"checkpoint is {self.checkpoint_dir} (epoch {self.state.epoch}); lower the "
-                "learning rate or check the inputs"
-            )
+            self._fail(f"non-finite loss {total.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.schedule.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.schedule.grad_clip)
+        if not torch.isfinite(grad_norm):
+            # stop before the update: a NaN step would reach the next epoch's checkpoint
+            self._fail(f"non-finite gradient norm {grad_norm.item()}")
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
         return {name: float(value.detach()) for name, value in terms.items()}
+
+    def _fail(self, problem: str) -> None:
+        if self.state.epoch:
+            last = f"the last good checkpoint is {self.checkpoint_dir} (epoch {self.state.epoch})"
+        else:
+            last = "no epoch finished, so there is no checkpoint"
+        raise TrainingError(
+            f"{problem} at step {self.state.step + 1}; {last}; lower the learning rate or check "
+            "the inputs"
+        )
 
     def _write_metrics(self, record: dict) -> None:
         self.state.history.append(record)

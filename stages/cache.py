@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.config import StrictModel, save_resolved
 from pipeline.data import DataConfig, dataset_spec
-from pipeline.groups import make_groups
+from pipeline.groups import GroupError, make_groups
 from pipeline.knowledge import group_table
 from pipeline.models import ModelError
 from pipeline.parallel import Scorer, init_ray
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # fields that change how the cache is computed, not what it holds
 _RUNTIME_FIELDS = {"out", "workers", "threads", "ray_address", "device"}
+# temporaries of shards, manifest and config written through pipeline.fsio.atomic_path
+_TEMPORARY = re.compile(r"\.(shard-\d{5}\.parquet|manifest\.json|config\.yaml)\.\d+\.tmp")
 
 
 class CacheConfig(StrictModel):
@@ -99,7 +102,10 @@ def plan_shards(config: CacheConfig) -> tuple[list[dict], str]:
     split = dataset_spec(config.data).load(config.data.restval_as_train).split(config.split)
     tasks = []
     for round_index in range(config.rounds):
-        groups = make_groups(split, config.group_size, config.seed, round_index)
+        try:
+            groups = make_groups(split, config.group_size, config.seed, round_index)
+        except GroupError as err:
+            raise GroupError(f"config group_size={config.group_size}: {err}") from None
         groups = groups[: config.max_groups]
         for first in range(0, len(groups), config.groups_per_shard):
             tasks.append({"index": len(tasks), "round": round_index, "first_group": first,
@@ -151,14 +157,18 @@ def run(config: CacheConfig) -> dict:
     if not tasks:
         raise CacheError(f"no groups of size {config.group_size} in split {config.split}")
     wanted = wanted_manifest(config, data_fingerprint)
+    listed: dict[str, ShardEntry] = {}
     if (out / "manifest.json").is_file():
-        check_compatible(read_manifest(out), wanted, cache_dir=str(out), ignore=("shards",))
+        existing = read_manifest(out)
+        check_compatible(existing, wanted, cache_dir=str(out), ignore=("shards",))
+        listed = {entry.name: entry for entry in existing.shards}
     else:
         write_manifest(out, wanted)
     save_resolved(config, out)
+    _remove_stale_temporaries(out)
 
-    # only shards that are not on disk yet (a shard file exists only when complete)
-    todo = [t for t in tasks if not (out / shard_name(t["index"])).is_file()]
+    # a shard file exists only when complete; one the manifest lists must still match it
+    todo = [t for t in tasks if not _finished(out / shard_name(t["index"]), listed)]
     log.info("cache: %d shards planned, %d done, %d to write", len(tasks), len(tasks) - len(todo),
              len(todo))
     start = time.perf_counter()
@@ -180,6 +190,32 @@ def run(config: CacheConfig) -> dict:
     log.info("cache: %(groups)d groups, %(pairs)d pairs, %(shards)d shards, %(bytes)d bytes, "
              "%(seconds).1f s, %(pairs_per_s)s pairs/s", summary)
     return summary
+
+
+def _finished(path: Path, listed: dict[str, ShardEntry]) -> bool:
+    """Whether a shard can be kept: on disk and, if the manifest lists it, unchanged since.
+
+    Without the check a rerun would re-hash a truncated or edited shard into the manifest and
+    `verify_cache` could no longer see the damage; such a shard is rewritten instead.
+    """
+    if not path.is_file():
+        return False
+    entry = listed.get(path.name)
+    if entry is None or (path.stat().st_size == entry.bytes and sha256_file(path) == entry.sha256):
+        return True
+    log.warning("cache: %s differs from the manifest (truncated or modified); rewriting it", path)
+    return False
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete what a killed run left half-written (`.NAME.PID.tmp` from `atomic_path`).
+
+    One run per cache directory at a time: a concurrent run's temporaries would go too.
+    """
+    for path in out.glob(".*.tmp"):
+        if _TEMPORARY.fullmatch(path.name):
+            log.info("cache: removing %s, left by an interrupted run", path.name)
+            path.unlink(missing_ok=True)
 
 
 def _entry(path: Path, rows: int) -> ShardEntry:

@@ -30,11 +30,14 @@ data_app = typer.Typer(help="Datasets: generate the shapes benchmark, check a da
                        no_args_is_help=True)
 teacher_app = typer.Typer(help="The teacher: fine-tune it, cache its knowledge.",
                           no_args_is_help=True)
+student_app = typer.Typer(help="Students: train one variant from the cache, or sweep many.",
+                          no_args_is_help=True)
 cache_app = typer.Typer(help="The knowledge cache: verify shards against the manifest.",
                         no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(cache_app, name="cache")
+app.add_typer(student_app, name="student")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, DataError, ModelError, ImageError, TokenizerError, GroupError, TrainingError,
@@ -154,6 +157,37 @@ def teacher_cache(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@student_app.command("train")
+def student_train(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    cache: Annotated[Path | None, typer.Option(help="Cache folder.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last epoch checkpoint.")] = False,
+) -> None:
+    """Train one student variant from the cache, then evaluate it on the test split."""
+    from stages import student
+
+    cfg = build(student.StudentConfig, config, set_, out=out, cache=cache, resume=resume or None)
+    summary = guarded(lambda: student.run(cfg))
+    typer.echo(json.dumps({k: v for k, v in summary.items() if k != "separability"}, indent=2))
+
+
+@student_app.command("sweep")
+def student_sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep YAML: runs, seeds, shared overrides.")],
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Runs trained at once (Ray tasks).")] = None,
+) -> None:
+    """Train a list of variants x seeds from one cache; write results.csv and results.md."""
+    from stages import sweep
+
+    cfg = build(sweep.SweepConfig, config, set_, out=out, workers=workers)
+    summary = guarded(lambda: sweep.run(cfg, Path(".")))
+    typer.echo(Path(summary["results"]).read_text())
+
+
 @cache_app.command("verify")
 def cache_verify(
     cache_dir: Annotated[Path, typer.Argument(help="Cache folder (with manifest.json).")],
@@ -208,6 +242,37 @@ def evaluate(
     summary = guarded(lambda: stage.run(cfg))
     typer.echo(stage.format_table(summary))
     typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}")
+
+
+# --- the main job ---------------------------------------------------------------------------
+
+
+@app.command("run")
+def run_all(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: OutOpt = None,
+    quick: Annotated[bool, typer.Option(help="The small profile (about 3 minutes).")] = False,
+    seeds: Annotated[int | None, typer.Option(help="Seeds per student variant.")] = None,
+) -> None:
+    """Dataset -> teacher -> cache -> student variants -> evaluation -> report."""
+    from stages import run as stage
+
+    cfg = build(stage.RunConfig, config, set_, out=out, seeds=seeds,
+                profile="quick" if quick else None)
+    command = "dcd run" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
+    summary = guarded(lambda: stage.run(cfg, command))
+    typer.echo(f"report: {summary['report']}\nartifacts: {summary['out']}")
+
+
+@app.command("report")
+def report(run_dir: Annotated[Path, typer.Argument(help="A `dcd run` output folder.")]) -> None:
+    """Rebuild report.md and its figures from RUN_DIR/results.json."""
+    from pipeline.report import ReportError
+    from stages import report as stage
+
+    register_errors(ReportError)
+    typer.echo(f"report: {guarded(lambda: stage.run(run_dir))}")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ def format_table(summary: dict) -> str:
         f"RSUM {m['rsum']:.1f}   {summary['pairs']} pairs, {summary['pairs_per_s']:.0f} pairs/s, "
         f"{summary['parameters'] / 1e6:.2f}M parameters",
     ]
+    if summary.get("shortlist"):
+        rows.append(f"shortlist: {summary['shortlist']} of split {summary['split']} (not the full "
+                    "protocol)")
     if "five_fold" in summary:
         f = summary["five_fold"]
         rows.append(f"1K five-fold: TR R@1 {f['tr_r1']:.1f}  IR R@1 {f['ir_r1']:.1f}  "

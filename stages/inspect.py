@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def _names(cache_dir: Path) -> tuple[dict[int, str], dict[int, str]]:
 
 def run(cache_dir: Path, presets: list[str] | None = None, sql: str | None = None,
         fmt: str = "table", texts: bool = True) -> list[tuple[str, str]]:
-    """(title, formatted result) for each requested report, or for the one SQL query."""
+    """(title, formatted result) for each requested report, or for the one SQL query; with
+    `fmt` json a single untitled JSON document (an object keyed by preset if several)."""
     if fmt not in FORMATS:
         raise CacheError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     unknown = [name for name in presets or [] if name not in PRESETS]
@@ -38,4 +40,11 @@ def run(cache_dir: Path, presets: list[str] | None = None, sql: str | None = Non
     con = open_cache(cache_dir, captions, images)
     if sql:
         return [("", format_result(run_sql(con, sql), fmt))]
-    return [(name, format_result(PRESETS[name](con), fmt)) for name in presets or PRESETS]
+    tables = {name: PRESETS[name](con) for name in presets or PRESETS}
+    if fmt == "json" and len(tables) > 1:
+        # one JSON document (an object keyed by preset), so the output parses as a whole
+        reports = {name: table.to_pylist() for name, table in tables.items()}
+        return [("", json.dumps(reports, indent=2, default=str))]
+    if fmt == "json":
+        return [("", format_result(next(iter(tables.values())), fmt))]
+    return [(name, format_result(table, fmt)) for name, table in tables.items()]

@@ -72,6 +72,7 @@ class StudentConfig(StrictModel):
     log_every: int = Field(default=20, gt=0)
     separability_groups: int = Field(default=4, ge=0)  # val groups tracked per epoch (Fig. 4)
     evaluate: bool = True  # full-matrix test evaluation at the end
+    eval_max_images: int | None = Field(default=None, ge=1)  # a shortlist; the report names it
     resume: bool = False
 
     @model_validator(mode="after")
@@ -121,6 +122,10 @@ class StudentLoss:
         image_ids, caption_ids = gather_pairs(drawn, columns)  # (K, M' + 1) each
         student = self.student.logits(image_ids.flatten(), caption_ids.flatten())
         student = student.view(image_ids.shape)  # (K, M' + 1), column 0 the positive
+        if not torch.isfinite(student).all():
+            # diverged weights: a non-finite total makes the trainer stop with a TrainingError
+            # naming the step; distillation_losses would raise a bare ValueError instead
+            return {"total": student.new_full((), float("nan"))}
         uses_teacher = self.switches.needs_teacher
         return distillation_losses(student, teacher if uses_teacher else None, self.switches)
 
@@ -199,7 +204,8 @@ def _finish(config: StudentConfig, out: Path, trainer: Trainer, student: PairSco
         from stages import evaluate
 
         eval_config = evaluate.EvaluateConfig(model=out / "model", data=config.data,
-                                              out=out / "eval", threads=config.threads or 2)
+                                              out=out / "eval", threads=config.threads or 2,
+                                              max_images=config.eval_max_images)
         summary["test"] = evaluate.run(eval_config)
     write_json(out / "summary.json", summary)
     log.info("student %s: %d steps in %.0f s%s", config.variant, summary["steps"], seconds,

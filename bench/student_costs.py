@@ -36,29 +36,46 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import load_config
-from pipeline.models import build_model, save_model
-from pipeline.runtime import setup_logging
-from pipeline.shards import read_manifest, shard_name, write_manifest
-from stages import cache, student
+from pipeline.config import load_config  # noqa: E402 (after the sys.path insert)
+from pipeline.models import build_model, save_model  # noqa: E402
+from pipeline.runtime import setup_logging  # noqa: E402
+from pipeline.shards import read_manifest, shard_name, write_manifest  # noqa: E402
+from stages import cache, student  # noqa: E402
 
 log = logging.getLogger("bench.student_costs")
 
 GROUP_SIZE, KEEP = 64, 8
-GOALS = {"online / cached epoch": (">=", 4.0), "cached DCD / fine-tune step": ("<=", 1.15),
-         "peak RSS 4x / 1x cache": ("<=", 1.1)}
+GOALS = {
+    "online / cached epoch": (">=", 4.0),
+    "cached DCD / fine-tune step": ("<=", 1.15),
+    "peak RSS 4x / 1x cache": ("<=", 1.1),
+}
 
 
 def build_caches(teacher: Path, root: Path, groups: int, threads: int) -> tuple[Path, Path]:
     """The 1x cache (`groups` groups scored by the teacher) and the 4x cache (its shard four
     times: four times the rows to stream, without four times the teacher's work)."""
-    fields = {"teacher": teacher, "out": root / "cache-1x", "group_size": GROUP_SIZE,
-              "keep": KEEP, "rounds": 1, "max_groups": groups, "groups_per_shard": groups,
-              "workers": 0, "threads": threads, "data.image_size": 64, "data.max_tokens": 24}
+    fields = {
+        "teacher": teacher,
+        "out": root / "cache-1x",
+        "group_size": GROUP_SIZE,
+        "keep": KEEP,
+        "rounds": 1,
+        "max_groups": groups,
+        "groups_per_shard": groups,
+        "workers": 0,
+        "threads": threads,
+        "data.image_size": 64,
+        "data.max_tokens": 24,
+    }
     config = load_config(cache.CacheConfig, None, [f"{k}={v}" for k, v in fields.items()])
     summary = cache.run(config)
-    log.info("cache: %d groups, %d pairs in %.1f s", summary["groups"], summary["pairs"],
-             summary["seconds"])
+    log.info(
+        "cache: %d groups, %d pairs in %.1f s",
+        summary["groups"],
+        summary["pairs"],
+        summary["seconds"],
+    )
 
     large = root / "cache-4x"
     large.mkdir()
@@ -71,21 +88,34 @@ def build_caches(teacher: Path, root: Path, groups: int, threads: int) -> tuple[
     return config.out, large
 
 
-def student_config(variant: str, cache_dir: Path, teacher: Path, out: Path, threads: int,
-                   *extra: str) -> student.StudentConfig:
-    overrides = [f"cache={cache_dir}", f"teacher={teacher}", f"out={out}", "epochs=1",
-                 f"candidates={GROUP_SIZE}", f"keep={KEEP}", "batch_queries=32",
-                 f"threads={threads}", "log_every=1", "evaluate=false", "separability_groups=0",
-                 *extra]
-    return load_config(student.StudentConfig, REPO / "configs" / "variants" / f"{variant}.yaml",
-                       overrides)
+def student_config(
+    variant: str, cache_dir: Path, teacher: Path, out: Path, threads: int, *extra: str
+) -> student.StudentConfig:
+    overrides = [
+        f"cache={cache_dir}",
+        f"teacher={teacher}",
+        f"out={out}",
+        "epochs=1",
+        f"candidates={GROUP_SIZE}",
+        f"keep={KEEP}",
+        "batch_queries=32",
+        f"threads={threads}",
+        "log_every=1",
+        "evaluate=false",
+        "separability_groups=0",
+        *extra,
+    ]
+    return load_config(
+        student.StudentConfig, REPO / "configs" / "variants" / f"{variant}.yaml", overrides
+    )
 
 
 def step_seconds(out: Path, pairs_per_step: int) -> float:
     """Median seconds per step (data wait included) from the per-step metrics."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(pairs_per_step / r["pairs_per_s"] for r in records
-                             if r["event"] == "step")
+    return statistics.median(
+        pairs_per_step / r["pairs_per_s"] for r in records if r["event"] == "step"
+    )
 
 
 def _peak_rss_epoch(config: dict) -> int:
@@ -135,28 +165,42 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, float]:
 
     # (1) and (2): three epochs over the 1x cache in this process
     seconds, steps = {}, {}
-    for name, variant, extra in (("finetune", "finetune", ()), ("cached", "dcd", ()),
-                                 ("online", "dcd", ("online=true",))):
+    for name, variant, extra in (
+        ("finetune", "finetune", ()),
+        ("cached", "dcd", ()),
+        ("online", "dcd", ("online=true",)),
+    ):
         config = student_config(variant, small, teacher, root / name, args.threads, *extra)
         start = time.perf_counter()
         summary = student.run(config)
         seconds[name] = summary["train_seconds"]
         steps[name] = step_seconds(root / name, config.batch_queries * config.keep)
-        log.info("%s: %d steps, epoch %.1f s (run %.1f s), median step %.0f ms", name,
-                 summary["steps"], seconds[name], time.perf_counter() - start,
-                 1000 * steps[name])
+        log.info(
+            "%s: %d steps, epoch %.1f s (run %.1f s), median step %.0f ms",
+            name,
+            summary["steps"],
+            seconds[name],
+            time.perf_counter() - start,
+            1000 * steps[name],
+        )
 
     # (3): the same cached epoch over 1x and 4x, each in a fresh process
     rss = {}
     for name, cache_dir in (("1x", small), ("4x", large)):
         config = student_config("dcd", cache_dir, teacher, root / f"rss-{name}", args.threads)
         rss[name] = peak_rss(config)
-        log.info("peak RSS over the %s cache (%.1f MB of Parquet): %.0f MiB", name,
-                 cache_bytes(cache_dir) / 1e6, rss[name] / 1024)
+        log.info(
+            "peak RSS over the %s cache (%.1f MB of Parquet): %.0f MiB",
+            name,
+            cache_bytes(cache_dir) / 1e6,
+            rss[name] / 1024,
+        )
 
-    return {"online / cached epoch": seconds["online"] / seconds["cached"],
-            "cached DCD / fine-tune step": steps["cached"] / steps["finetune"],
-            "peak RSS 4x / 1x cache": rss["4x"] / rss["1x"]}
+    return {
+        "online / cached epoch": seconds["online"] / seconds["cached"],
+        "cached DCD / fine-tune step": steps["cached"] / steps["finetune"],
+        "peak RSS 4x / 1x cache": rss["4x"] / rss["1x"],
+    }
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ from pipeline.images import FixedSizeImages, ViltImages, image_store
 from pipeline.karpathy import RetrievalDataset
 from pipeline.manifest import DatasetSpec, load_manifest
 from pipeline.shapes import ShapesSpec, write_shapes
-from pipeline.text import load_tokenizer, tokenize_captions, tokenizer_fingerprint, TokenizedCaptions
+from pipeline.text import (
+    TokenizedCaptions,
+    load_tokenizer,
+    tokenize_captions,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +57,9 @@ def dataset_spec(config: DataConfig) -> DatasetSpec:
 
 
 def _shapes_sizes(spec: DatasetSpec) -> dict[str, int]:
-    return {split: count for split, count in spec.splits.items() if split in ("train", "val", "test")}
+    return {
+        split: count for split, count in spec.splits.items() if split in ("train", "val", "test")
+    }
 
 
 def open_data(config: DataConfig, splits: tuple[str, ...] | None = None) -> LoadedData:

@@ -24,9 +24,9 @@ class GroupError(ValueError):
     """A group size the split cannot serve; the message names the size and the split."""
 
 
-def make_groups(dataset: RetrievalDataset, group_size: int, seed: int, round_index: int = 0) -> (
-    np.ndarray
-):
+def make_groups(
+    dataset: RetrievalDataset, group_size: int, seed: int, round_index: int = 0
+) -> np.ndarray:
     """Groups of one round: an int64 array (num_groups, G, 2) of (image_id, caption_id).
 
     A pure function of (dataset, G, seed, round). Images are shuffled; each gets a random caption
@@ -62,8 +62,8 @@ def make_groups(dataset: RetrievalDataset, group_size: int, seed: int, round_ind
     return np.array(groups, dtype=np.int64).reshape(len(groups), group_size, 2)
 
 
-def iter_groups(dataset: RetrievalDataset, group_size: int, seed: int, round_index: int) -> (
-    Iterator[np.ndarray]
-):
+def iter_groups(
+    dataset: RetrievalDataset, group_size: int, seed: int, round_index: int
+) -> Iterator[np.ndarray]:
     """The groups of one round, one (G, 2) array at a time."""
     yield from make_groups(dataset, group_size, seed, round_index)

@@ -28,7 +28,9 @@ def _open_rgb(path: Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError as error:
-        raise ImageError(f"image file missing: {path} (run `dcd data check` for a full report)") from error
+        raise ImageError(
+            f"image file missing: {path} (run `dcd data check` for a full report)"
+        ) from error
     except (UnidentifiedImageError, OSError) as error:
         raise ImageError(f"cannot decode image {path}: {error}") from error
 
@@ -65,8 +67,11 @@ class ViltImages:
 
         self.paths = paths
         self.processor = ViltImageProcessor(
-            size={"shortest_edge": shorter}, size_divisor=32, do_pad=True,
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+            size={"shortest_edge": shorter},
+            size_divisor=32,
+            do_pad=True,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
         )
         self.longer = longer
 

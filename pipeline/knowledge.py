@@ -26,7 +26,10 @@ def draw_orders(group_size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def direction_rows(
-    logits: np.ndarray, query_ids: np.ndarray, candidate_ids: np.ndarray, orders: np.ndarray,
+    logits: np.ndarray,
+    query_ids: np.ndarray,
+    candidate_ids: np.ndarray,
+    orders: np.ndarray,
     keep: int,
 ) -> dict[str, np.ndarray]:
     """Cache columns for G queries whose logits are the rows of `logits` (G, G).
@@ -52,7 +55,11 @@ def direction_rows(
 
 
 def group_table(
-    group: np.ndarray, logits: np.ndarray, round_index: int, group_id: int, keep: int,
+    group: np.ndarray,
+    logits: np.ndarray,
+    round_index: int,
+    group_id: int,
+    keep: int,
     rng: np.random.Generator,
 ) -> pa.Table:
     """Cache rows (2G) of one group (G, 2) of (image_id, caption_id) scored as `logits` (G, G).

@@ -7,6 +7,7 @@ teacher.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors import SafetensorError  # a truncated or corrupt weights file
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 
 from pipeline.config import StrictModel
-from pipeline.fsio import atomic_path
+from pipeline.fsio import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,22 @@ BERT_VOCAB_SIZE = 30522
 # `base` is ViLT-B/32 (the defaults of ViltConfig).
 PRESETS: dict[str, dict] = {
     "tiny": dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=16, max_position_embeddings=40,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=16,
+        max_position_embeddings=40,
     ),
     "shapes": dict(
-        hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=256,
-        image_size=64, patch_size=16, max_position_embeddings=40,
+        hidden_size=64,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_size=64,
+        patch_size=16,
+        max_position_embeddings=40,
     ),
     "base": dict(),
 }
@@ -41,9 +52,9 @@ class ModelError(ValueError):
     """A model folder or preset that cannot be used; the message says which and why."""
 
 
-def build_model(preset: str, num_layers: int | None = None, seed: int = 0) -> (
-    ViltForImageAndTextRetrieval
-):
+def build_model(
+    preset: str, num_layers: int | None = None, seed: int = 0
+) -> ViltForImageAndTextRetrieval:
     """A randomly initialised retrieval model from a preset (seeded, so rebuilds are identical)."""
     if preset not in PRESETS:
         raise ModelError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -148,6 +159,17 @@ def grow_model(model: ViltForImageAndTextRetrieval, depth: int) -> ViltForImageA
                 dense.bias.zero_()
     log.info("grew %d -> %d layers (new layers start as identities)", old, depth)
     return grown.eval()
+
+
+def teacher_fingerprint(folder: Path) -> str:
+    """sha256 over the teacher's config.json and weight files."""
+    files = sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")])
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"teacher {folder} has no config.json: not a save_pretrained folder")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + sha256_file(path).encode())
+    return digest.hexdigest()[:16]
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -37,28 +37,39 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 class Scorer:
     """One model and the inputs of one dataset split (as a Ray actor: `ScorerActor`)."""
 
-    def __init__(self, model_dir: str, data: DataConfig, splits: tuple[str, ...], threads: int,
-                 device: str = "auto"):
+    def __init__(
+        self,
+        model_dir: str,
+        data: DataConfig,
+        splits: tuple[str, ...],
+        threads: int,
+        device: str = "auto",
+    ):
         set_threads(threads)
         loaded = open_data(data, splits)
-        self.scorer = PairScorer(load_model(Path(model_dir)), loaded.images, loaded.captions,
-                                 pick_device(device))
+        self.scorer = PairScorer(
+            load_model(Path(model_dir)), loaded.images, loaded.captions, pick_device(device)
+        )
 
-    def matrix(self, image_ids: list[int], caption_ids: list[int], pairs_per_batch: int) -> (
-        np.ndarray
-    ):
+    def matrix(
+        self, image_ids: list[int], caption_ids: list[int], pairs_per_batch: int
+    ) -> np.ndarray:
         """Scores (len(image_ids), len(caption_ids)) float32."""
         return self.scorer.matrix(image_ids, caption_ids, pairs_per_batch).numpy()
 
     @torch.inference_mode()
     def group_matrices(self, groups: np.ndarray) -> np.ndarray:
-        """Logits (num_groups, G, G) of groups (num_groups, G, 2); [g, i, j] = image i, caption j."""
+        """Logits (n, G, G) of groups (n, G, 2) of (image_id, caption_id).
+
+        Entry [g, i, j] scores image i with caption j of group g.
+        """
         groups = torch.from_numpy(groups)
         return np.stack([self.scorer.group_logits(group).cpu().numpy() for group in groups])
 
 
-def scorer_actors(count: int, model_dir: Path, data: DataConfig, splits: tuple[str, ...],
-                  threads: int) -> list:
+def scorer_actors(
+    count: int, model_dir: Path, data: DataConfig, splits: tuple[str, ...], threads: int
+) -> list:
     """`count` Ray actors, each a `Scorer`; one GPU each when the cluster has GPUs."""
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= count else 0
     actor = ray.remote(num_cpus=threads, num_gpus=gpus)(Scorer)

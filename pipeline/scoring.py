@@ -45,7 +45,9 @@ def embed_images(
         pixel_values, pixel_mask, max_image_length=model.config.max_image_length
     )
     width = int(patch_index[..., 1].max()) + 1
-    order = (patch_index[..., 0] * width + patch_index[..., 1]).argsort(dim=1, stable=True)  # (B, P)
+    order = (patch_index[..., 0] * width + patch_index[..., 1]).argsort(
+        dim=1, stable=True
+    )  # (B, P)
     order = torch.cat([torch.zeros_like(order[:, :1]), order + 1], dim=1)  # keep [CLS] first
     x = torch.gather(x, 1, order[..., None].expand_as(x))
     x_mask = torch.gather(x_mask, 1, order)
@@ -114,7 +116,7 @@ class PairScorer:
         return logits.float()
 
     def group_logits(self, group: torch.Tensor) -> torch.Tensor:
-        """Logits (G, G) of a group (G, 2) of (image_id, caption_id): [i, j] = image i, caption j."""
+        """Logits (G, G) of a group (G, 2) of (image_id, caption_id); [i, j]: image i, caption j."""
         size = len(group)
         image_ids = group[:, 0].repeat_interleave(size)  # (G * G,) row-major
         caption_ids = group[:, 1].repeat(size)

@@ -169,7 +169,7 @@ def _relation_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     if len(scene.objects) == 3:
         extra = _phrase(scene.objects[2], rng)
         captions[0] += f" and a {extra}"
-        captions[2] = f"three shapes : {captions[2][len('there is '):]} and a {extra}"
+        captions[2] = f"three shapes : {captions[2][len('there is ') :]} and a {extra}"
     return captions
 
 

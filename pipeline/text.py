@@ -38,7 +38,9 @@ def default_tokenizer_dir() -> Path:
 def load_tokenizer(folder: Path | None = None) -> PreTrainedTokenizerBase:
     folder = Path(folder) if folder else default_tokenizer_dir()
     if not (folder / "vocab.txt").is_file() and not (folder / "tokenizer.json").is_file():
-        raise TokenizerError(f"{folder} holds no vocab.txt or tokenizer.json: not a tokenizer folder")
+        raise TokenizerError(
+            f"{folder} holds no vocab.txt or tokenizer.json: not a tokenizer folder"
+        )
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

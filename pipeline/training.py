@@ -147,14 +147,21 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.state.step == 0:
             self.metrics_path.unlink(missing_ok=True)  # a fresh run never appends to an old log
-        bar = tqdm(total=self.schedule.total_steps, initial=self.state.step, desc="train",
-                   unit="step", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=self.schedule.total_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         for epoch in range(self.state.epoch, self.schedule.epochs):
             self._epoch(epoch, epoch_batches(epoch), loss_fn, pairs_per_batch, bar)
             extra = on_epoch_end(epoch) if on_epoch_end else {}
             self.state.epoch = epoch + 1
-            self._write_metrics({"event": "epoch", "epoch": epoch + 1, "step": self.state.step,
-                                 **extra})
+            self._write_metrics(
+                {"event": "epoch", "epoch": epoch + 1, "step": self.state.step, **extra}
+            )
             self.save_checkpoint()
         bar.close()
         return self.state
@@ -209,8 +216,12 @@ class Trainer:
         if record.get("event") == "step":
             log.info(
                 "step %d/%d loss %.4f lr %.2e %.0f pairs/s data-wait %.0f%%",
-                record["step"], self.schedule.total_steps, record["loss"], record["lr"],
-                record["pairs_per_s"], 100 * record["data_wait"],
+                record["step"],
+                self.schedule.total_steps,
+                record["loss"],
+                record["lr"],
+                record["pairs_per_s"],
+                100 * record["data_wait"],
             )
 
 
@@ -230,8 +241,14 @@ class _Window:
 
     def flush(self, step: int, epoch: int, lr: float) -> dict:
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        record = {"event": "step", "step": step, "epoch": epoch, "lr": lr,
-                  "pairs_per_s": self.pairs / seconds, "data_wait": self.wait / seconds}
+        record = {
+            "event": "step",
+            "step": step,
+            "epoch": epoch,
+            "lr": lr,
+            "pairs_per_s": self.pairs / seconds,
+            "data_wait": self.wait / seconds,
+        }
         record.update({name: total / self.steps for name, total in self.sums.items()})
         record["loss"] = record.get("total", math.nan)
         self.__init__()

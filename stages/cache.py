@@ -11,7 +11,6 @@ a cache made with another config, dataset, teacher or tokenizer is refused, neve
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
@@ -27,14 +26,20 @@ from tqdm import tqdm
 
 from pipeline.config import StrictModel, save_resolved
 from pipeline.data import DataConfig, dataset_spec
+from pipeline.fsio import sha256_file
 from pipeline.groups import GroupError, make_groups
 from pipeline.knowledge import group_table
-from pipeline.models import ModelError
+from pipeline.models import teacher_fingerprint
 from pipeline.parallel import Scorer, init_ray
-from pipeline.fsio import sha256_file
 from pipeline.shards import (
-    CacheError, CacheManifest, ShardEntry, check_compatible, read_manifest, shard_name,
-    write_manifest, write_shard,
+    CacheError,
+    CacheManifest,
+    ShardEntry,
+    check_compatible,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
 )
 from pipeline.text import load_tokenizer, tokenizer_fingerprint
 
@@ -86,17 +91,6 @@ class ShardWorker(Scorer):
         return entry.model_dump()
 
 
-def teacher_fingerprint(folder: Path) -> str:
-    """sha256 over the teacher's config.json and weight files."""
-    files = sorted([folder / "config.json", *folder.glob("*.safetensors"), *folder.glob("*.bin")])
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"teacher {folder} has no config.json: not a save_pretrained folder")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + sha256_file(path).encode())
-    return digest.hexdigest()[:16]
-
-
 def plan_shards(config: CacheConfig) -> tuple[list[dict], str]:
     """Shard tasks over all rounds (index, round, first_group, groups) and the data fingerprint."""
     split = dataset_spec(config.data).load(config.data.restval_as_train).split(config.split)
@@ -108,17 +102,29 @@ def plan_shards(config: CacheConfig) -> tuple[list[dict], str]:
             raise GroupError(f"config group_size={config.group_size}: {err}") from None
         groups = groups[: config.max_groups]
         for first in range(0, len(groups), config.groups_per_shard):
-            tasks.append({"index": len(tasks), "round": round_index, "first_group": first,
-                          "groups": groups[first : first + config.groups_per_shard]})
+            tasks.append(
+                {
+                    "index": len(tasks),
+                    "round": round_index,
+                    "first_group": first,
+                    "groups": groups[first : first + config.groups_per_shard],
+                }
+            )
     return tasks, split.fingerprint()
 
 
 def wanted_manifest(config: CacheConfig, data_fingerprint: str) -> CacheManifest:
     tokenizer = load_tokenizer(config.data.tokenizer)
     return CacheManifest(
-        fingerprints={"dataset": data_fingerprint, "teacher": teacher_fingerprint(config.teacher),
-                      "tokenizer": tokenizer_fingerprint(tokenizer)},
-        group_size=config.group_size, keep=config.keep, rounds=config.rounds, seed=config.seed,
+        fingerprints={
+            "dataset": data_fingerprint,
+            "teacher": teacher_fingerprint(config.teacher),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+        },
+        group_size=config.group_size,
+        keep=config.keep,
+        rounds=config.rounds,
+        seed=config.seed,
         code_version=version("dcd"),
         config=config.model_dump(mode="json", exclude=_RUNTIME_FIELDS | {"teacher"}),
     )
@@ -127,11 +133,17 @@ def wanted_manifest(config: CacheConfig, data_fingerprint: str) -> CacheManifest
 def _run_tasks(config: CacheConfig, todo: list[dict]) -> None:
     """Score and write the shards in `todo`, with a progress bar over groups."""
     out, splits = str(config.out), (config.split,)
-    bar = tqdm(total=sum(len(t["groups"]) for t in todo), desc="cache", unit="group",
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=sum(len(t["groups"]) for t in todo),
+        desc="cache",
+        unit="group",
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     if config.workers == 0:
-        worker = ShardWorker(str(config.teacher), config.data, splits, config.threads,
-                             config.device)
+        worker = ShardWorker(
+            str(config.teacher), config.data, splits, config.threads, config.device
+        )
         for task in todo:
             worker.write(task, out, config.keep, config.seed)
             bar.update(len(task["groups"]))
@@ -139,8 +151,10 @@ def _run_tasks(config: CacheConfig, todo: list[dict]) -> None:
         init_ray(config.ray_address)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= config.workers else 0
         actor = ray.remote(num_cpus=config.threads, num_gpus=gpus)(ShardWorker)
-        actors = [actor.remote(str(config.teacher), config.data, splits, config.threads,
-                               config.device) for _ in range(config.workers)]
+        actors = [
+            actor.remote(str(config.teacher), config.data, splits, config.threads, config.device)
+            for _ in range(config.workers)
+        ]
         pool = ActorPool(actors)
         sizes = {t["index"]: len(t["groups"]) for t in todo}
         for entry in pool.map_unordered(
@@ -169,26 +183,40 @@ def run(config: CacheConfig) -> dict:
 
     # a shard file exists only when complete; one the manifest lists must still match it
     todo = [t for t in tasks if not _finished(out / shard_name(t["index"]), listed)]
-    log.info("cache: %d shards planned, %d done, %d to write", len(tasks), len(tasks) - len(todo),
-             len(todo))
+    log.info(
+        "cache: %d shards planned, %d done, %d to write",
+        len(tasks),
+        len(tasks) - len(todo),
+        len(todo),
+    )
     start = time.perf_counter()
     if todo:
         _run_tasks(config, todo)
     seconds = time.perf_counter() - start
 
-    entries = [_entry(out / shard_name(t["index"]), 2 * config.group_size * len(t["groups"]))
-               for t in tasks]
+    entries = [
+        _entry(out / shard_name(t["index"]), 2 * config.group_size * len(t["groups"]))
+        for t in tasks
+    ]
     write_manifest(out, wanted.model_copy(update={"shards": entries}))
     groups = sum(len(t["groups"]) for t in todo)
     pairs = groups * config.group_size**2
     summary = {
-        "out": str(out), "shards": len(tasks), "shards_written": len(todo),
-        "groups": groups, "pairs": pairs, "rows": sum(e.rows for e in entries),
-        "bytes": sum(e.bytes for e in entries), "seconds": round(seconds, 2),
+        "out": str(out),
+        "shards": len(tasks),
+        "shards_written": len(todo),
+        "groups": groups,
+        "pairs": pairs,
+        "rows": sum(e.rows for e in entries),
+        "bytes": sum(e.bytes for e in entries),
+        "seconds": round(seconds, 2),
         "pairs_per_s": round(pairs / seconds, 1) if seconds > 0 and pairs else None,
     }
-    log.info("cache: %(groups)d groups, %(pairs)d pairs, %(shards)d shards, %(bytes)d bytes, "
-             "%(seconds).1f s, %(pairs_per_s)s pairs/s", summary)
+    log.info(
+        "cache: %(groups)d groups, %(pairs)d pairs, %(shards)d shards, %(bytes)d bytes, "
+        "%(seconds).1f s, %(pairs_per_s)s pairs/s",
+        summary,
+    )
     return summary
 
 
@@ -219,4 +247,6 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _entry(path: Path, rows: int) -> ShardEntry:
-    return ShardEntry(name=path.name, rows=rows, sha256=sha256_file(path), bytes=path.stat().st_size)
+    return ShardEntry(
+        name=path.name, rows=rows, sha256=sha256_file(path), bytes=path.stat().st_size
+    )

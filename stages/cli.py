@@ -1,6 +1,6 @@
 """The `dcd` command: parses arguments, builds a validated config and calls one stage.
 
-    dcd --help
+dcd --help
 """
 
 from __future__ import annotations
@@ -24,31 +24,48 @@ from pipeline.shards import CacheError
 from pipeline.text import TokenizerError
 from pipeline.training import TrainingError
 
-app = typer.Typer(help="Dynamic Contrastive Distillation for image-text retrieval.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Datasets: generate the shapes benchmark, check a dataset.",
-                       no_args_is_help=True)
-teacher_app = typer.Typer(help="The teacher: fine-tune it, cache its knowledge.",
-                          no_args_is_help=True)
-student_app = typer.Typer(help="Students: train one variant from the cache, or sweep many.",
-                          no_args_is_help=True)
-cache_app = typer.Typer(help="The knowledge cache: verify shards against the manifest.",
-                        no_args_is_help=True)
+app = typer.Typer(
+    help="Dynamic Contrastive Distillation for image-text retrieval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(
+    help="Datasets: generate the shapes benchmark, check a dataset.", no_args_is_help=True
+)
+teacher_app = typer.Typer(
+    help="The teacher: fine-tune it, cache its knowledge.", no_args_is_help=True
+)
+student_app = typer.Typer(
+    help="Students: train one variant from the cache, or sweep many.", no_args_is_help=True
+)
+cache_app = typer.Typer(
+    help="The knowledge cache: verify shards against the manifest.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(cache_app, name="cache")
 app.add_typer(student_app, name="student")
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, DataError, ModelError, ImageError, TokenizerError, GroupError, TrainingError,
+    ConfigError,
+    DataError,
+    ModelError,
+    ImageError,
+    TokenizerError,
+    GroupError,
+    TrainingError,
     CacheError,
 )
 log = logging.getLogger("dcd")
 T = TypeVar("T")
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="YAML config file (defaults if omitted).")]
-SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="Override a config field: --set dotted.key=value (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override a config field: --set dotted.key=value (repeatable)."
+    ),
+]
 OutOpt = Annotated[Path | None, typer.Option(help="Output folder (config key `out`).")]
 
 
@@ -69,8 +86,11 @@ def guarded(call: Callable[[], T]) -> T:
 
 def build(schema: type[T], config: Path | None, overrides: list[str] | None, /, **flags) -> T:
     """Config from file, then `--set` overrides, then the dedicated flags that were given."""
-    extra = [f"{key}={json.dumps(str(v)) if isinstance(v, Path) else json.dumps(v)}"
-             for key, v in flags.items() if v is not None]
+    extra = [
+        f"{key}={json.dumps(str(v)) if isinstance(v, Path) else json.dumps(v)}"
+        for key, v in flags.items()
+        if v is not None
+    ]
     return guarded(lambda: load_config(schema, config, [*(overrides or []), *extra]))
 
 
@@ -145,14 +165,24 @@ def teacher_cache(
     teacher: Annotated[Path | None, typer.Option(help="Teacher model folder.")] = None,
     workers: Annotated[int | None, typer.Option(help="Ray actors (0: in process).")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads per actor.")] = None,
-    ray_address: Annotated[str | None, typer.Option(
-        envvar="RAY_ADDRESS", help="Join this Ray cluster (default: a local one).")] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster (default: a local one)."),
+    ] = None,
 ) -> None:
     """Score in-batch groups with the teacher once and write Parquet shards + manifest."""
     from stages import cache
 
-    cfg = build(cache.CacheConfig, config, set_, out=out, teacher=teacher, workers=workers,
-                threads=threads, ray_address=ray_address)
+    cfg = build(
+        cache.CacheConfig,
+        config,
+        set_,
+        out=out,
+        teacher=teacher,
+        workers=workers,
+        threads=threads,
+        ray_address=ray_address,
+    )
     summary = guarded(lambda: cache.run(cfg))
     typer.echo(json.dumps(summary, indent=2))
 
@@ -206,14 +236,19 @@ def cache_verify(
 @app.command("inspect")
 def inspect(
     cache_dir: Annotated[Path, typer.Argument(help="Cache folder.")],
-    preset: Annotated[list[str] | None, typer.Option(
-        "--preset", "-p", help="Preset report(s); default: all.")] = None,
+    preset: Annotated[
+        list[str] | None, typer.Option("--preset", "-p", help="Preset report(s); default: all.")
+    ] = None,
     sql: Annotated[str | None, typer.Option(help="Run this read-only SQL instead.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
-    texts: Annotated[bool, typer.Option(help="Join caption texts and image names "
-                                         "from the dataset in the cache config.")] = True,
+    texts: Annotated[
+        bool,
+        typer.Option(
+            help="Join caption texts and image names from the dataset in the cache config."
+        ),
+    ] = True,
 ) -> None:
-    """Read-only DuckDB over the cache: preset reports, or any SQL (views `queries`, `candidates`)."""
+    """Read-only DuckDB over the cache: preset reports, or any SQL over its views."""
     from stages import inspect as stage
 
     for title, text in guarded(lambda: stage.run(cache_dir, preset, sql, fmt, texts)):
@@ -237,8 +272,16 @@ def evaluate(
     """Full-matrix retrieval evaluation: TR/IR R@1/5/10, RSUM, ranks, pairs/s."""
     from stages import evaluate as stage
 
-    cfg = build(stage.EvaluateConfig, config, set_, model=model, out=out, split=split,
-                workers=workers, ray_address=ray_address)
+    cfg = build(
+        stage.EvaluateConfig,
+        config,
+        set_,
+        model=model,
+        out=out,
+        split=split,
+        workers=workers,
+        ray_address=ray_address,
+    )
     summary = guarded(lambda: stage.run(cfg))
     typer.echo(stage.format_table(summary))
     typer.echo(f"metrics: {Path(cfg.out) / 'metrics.json'}")
@@ -258,8 +301,9 @@ def run_all(
     """Dataset -> teacher -> cache -> student variants -> evaluation -> report."""
     from stages import run as stage
 
-    cfg = build(stage.RunConfig, config, set_, out=out, seeds=seeds,
-                profile="quick" if quick else None)
+    cfg = build(
+        stage.RunConfig, config, set_, out=out, seeds=seeds, profile="quick" if quick else None
+    )
     command = "dcd run" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
     summary = guarded(lambda: stage.run(cfg, command))
     typer.echo(f"report: {summary['report']}\nartifacts: {summary['out']}")

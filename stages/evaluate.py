@@ -51,9 +51,9 @@ def _split_ids(config: EvaluateConfig) -> tuple[list[int], list[int], np.ndarray
     return image_ids, caption_ids, caption_image
 
 
-def score_matrix(config: EvaluateConfig, image_ids: list[int], caption_ids: list[int]) -> (
-    np.ndarray
-):
+def score_matrix(
+    config: EvaluateConfig, image_ids: list[int], caption_ids: list[int]
+) -> np.ndarray:
     """Scores (I, C); with several workers, contiguous image blocks go to Ray actors."""
     splits = (config.split,)
     if config.workers == 1 and not config.ray_address:
@@ -74,8 +74,12 @@ def run(config: EvaluateConfig) -> dict:
     out = Path(config.out)
     save_resolved(config, out)
     image_ids, caption_ids, caption_image = _split_ids(config)
-    log.info("evaluate: %d images x %d captions = %d pairs", len(image_ids), len(caption_ids),
-             len(image_ids) * len(caption_ids))
+    log.info(
+        "evaluate: %d images x %d captions = %d pairs",
+        len(image_ids),
+        len(caption_ids),
+        len(image_ids) * len(caption_ids),
+    )
 
     start = time.perf_counter()
     scores = score_matrix(config, image_ids, caption_ids)
@@ -101,8 +105,13 @@ def run(config: EvaluateConfig) -> dict:
     if config.five_fold or (config.five_fold is None and len(image_ids) == 5000):
         summary["five_fold"] = five_fold_metrics(scores, caption_image)
     write_json(out / "metrics.json", summary)
-    log.info("evaluate: %d pairs in %.1f s (%.0f pairs/s), RSUM %.1f", pairs, seconds,
-             summary["pairs_per_s"], summary["metrics"]["rsum"])
+    log.info(
+        "evaluate: %d pairs in %.1f s (%.0f pairs/s), RSUM %.1f",
+        pairs,
+        seconds,
+        summary["pairs_per_s"],
+        summary["metrics"]["rsum"],
+    )
     return summary
 
 
@@ -119,10 +128,12 @@ def format_table(summary: dict) -> str:
         f"{summary['parameters'] / 1e6:.2f}M parameters",
     ]
     if summary.get("shortlist"):
-        rows.append(f"shortlist: {summary['shortlist']} of split {summary['split']} (not the full "
-                    "protocol)")
+        rows.append(
+            f"shortlist: {summary['shortlist']} of split {summary['split']} (not the full protocol)"
+        )
     if "five_fold" in summary:
         f = summary["five_fold"]
-        rows.append(f"1K five-fold: TR R@1 {f['tr_r1']:.1f}  IR R@1 {f['ir_r1']:.1f}  "
-                    f"RSUM {f['rsum']:.1f}")
+        rows.append(
+            f"1K five-fold: TR R@1 {f['tr_r1']:.1f}  IR R@1 {f['ir_r1']:.1f}  RSUM {f['rsum']:.1f}"
+        )
     return "\n".join(rows)

@@ -23,9 +23,9 @@ from pydantic import Field
 
 from pipeline.config import StrictModel, save_resolved
 from pipeline.data import DataConfig, open_data
+from pipeline.groups import make_groups
 from pipeline.models import ModelConfig, build_from_config, parameter_count, save_model
 from pipeline.runtime import seed_everything, set_threads
-from pipeline.groups import make_groups
 from pipeline.scoring import PairScorer, pick_device
 from pipeline.training import Schedule, Trainer
 
@@ -38,7 +38,9 @@ class FinetuneConfig(StrictModel):
     out: Path = Path("runs/teacher")
     epochs: int = Field(default=10, gt=0)
     group_size: int = Field(default=16, ge=2)  # G images per step: 1 positive + N = G - 1 negatives
-    directions: list[Literal["tr", "ir"]] = Field(default_factory=lambda: ["tr", "ir"], min_length=1)
+    directions: list[Literal["tr", "ir"]] = Field(
+        default_factory=lambda: ["tr", "ir"], min_length=1
+    )
     lr: float = Field(default=1e-3, gt=0)
     warmup_steps: int = Field(default=100, ge=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -76,8 +78,14 @@ def run(config: FinetuneConfig) -> dict:
 
     # schedule and trainer; resume picks up the last finished epoch
     per_epoch = len(make_groups(train, config.group_size, config.seed, 0))
-    schedule = Schedule(config.epochs, per_epoch, config.lr, config.warmup_steps,
-                        config.weight_decay, config.log_every)
+    schedule = Schedule(
+        config.epochs,
+        per_epoch,
+        config.lr,
+        config.warmup_steps,
+        config.weight_decay,
+        config.log_every,
+    )
     trainer = Trainer(model, schedule, out, config.seed)
     if config.resume:
         trainer.resume()
@@ -85,8 +93,9 @@ def run(config: FinetuneConfig) -> dict:
 
     start = time.perf_counter()
     trainer.fit(
-        lambda epoch: iter(torch.from_numpy(make_groups(train, config.group_size, config.seed,
-                                                        epoch))),
+        lambda epoch: iter(
+            torch.from_numpy(make_groups(train, config.group_size, config.seed, epoch))
+        ),
         lambda group: retrieval_loss(scorer, group, directions),
         config.group_size**2,
     )
@@ -101,6 +110,11 @@ def run(config: FinetuneConfig) -> dict:
         "seconds": round(seconds, 1),
         "final_loss": steps[-1]["loss"] if steps else None,
     }
-    log.info("finetune: %d steps in %.0f s, final loss %s, saved %s", summary["steps"], seconds,
-             summary["final_loss"], summary["model"])
+    log.info(
+        "finetune: %d steps in %.0f s, final loss %s, saved %s",
+        summary["steps"],
+        seconds,
+        summary["final_loss"],
+        summary["model"],
+    )
     return summary

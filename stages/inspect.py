@@ -1,7 +1,7 @@
 """Inspection: read-only DuckDB over a knowledge cache, preset reports or any SQL.
 
-    dcd inspect runs/cache --preset genetic_errors --format csv
-    dcd inspect runs/cache --sql "SELECT direction, avg(entropy) FROM queries GROUP BY 1"
+dcd inspect runs/cache --preset genetic_errors --format csv
+dcd inspect runs/cache --sql "SELECT direction, avg(entropy) FROM queries GROUP BY 1"
 """
 
 from __future__ import annotations
@@ -27,8 +27,13 @@ def _names(cache_dir: Path) -> tuple[dict[int, str], dict[int, str]]:
     return dataset.captions, names
 
 
-def run(cache_dir: Path, presets: list[str] | None = None, sql: str | None = None,
-        fmt: str = "table", texts: bool = True) -> list[tuple[str, str]]:
+def run(
+    cache_dir: Path,
+    presets: list[str] | None = None,
+    sql: str | None = None,
+    fmt: str = "table",
+    texts: bool = True,
+) -> list[tuple[str, str]]:
     """(title, formatted result) for each requested report, or for the one SQL query; with
     `fmt` json a single untitled JSON document (an object keyed by preset if several)."""
     if fmt not in FORMATS:

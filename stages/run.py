@@ -23,7 +23,7 @@ from pipeline.data import DataConfig, dataset_spec, open_data
 from pipeline.fsio import write_json
 from pipeline.groups import make_groups
 from pipeline.inspection import PRESETS, open_cache
-from pipeline.models import load_model
+from pipeline.models import load_model, teacher_fingerprint
 from pipeline.scoring import PairScorer, pick_device
 from pipeline.shards import read_manifest
 from stages import cache, evaluate, finetune, student, sweep
@@ -50,8 +50,14 @@ class Profile(StrictModel):
 
 PROFILES = {
     "default": Profile(),
-    "quick": Profile(cache_rounds=1, cache_max_groups=6, student_epochs=1, eval_max_images=20,
-                     variants=["finetune", "vanilla_kd", "dcd"], fig3=[(32, 4), (64, 8)]),
+    "quick": Profile(
+        cache_rounds=1,
+        cache_max_groups=6,
+        student_epochs=1,
+        eval_max_images=20,
+        variants=["finetune", "vanilla_kd", "dcd"],
+        fig3=[(32, 4), (64, 8)],
+    ),
 }
 
 
@@ -61,8 +67,12 @@ class RunConfig(StrictModel):
     seeds: int = Field(default=1, ge=1)
     data: DataConfig = Field(default_factory=lambda: DataConfig(image_size=64, max_tokens=24))
     teacher: Path = Path("models/shapes-teacher")
-    teacher_recipe: list[Path] = Field(default_factory=lambda: [
-        Path("configs/shapes_stage1.yaml"), Path("configs/teacher_shapes.yaml")])
+    teacher_recipe: list[Path] = Field(
+        default_factory=lambda: [
+            Path("configs/shapes_stage1.yaml"),
+            Path("configs/teacher_shapes.yaml"),
+        ]
+    )
     cache_config: Path = Path("configs/cache_shapes.yaml")
     student_config: Path = Path("configs/student_shapes.yaml")
     variants_dir: Path = Path("configs/variants")
@@ -99,8 +109,9 @@ def ensure_teacher(config: RunConfig) -> Path:
 
 def teacher_reference(config: RunConfig, teacher: Path, profile: Profile) -> dict:
     """Test metrics of the teacher (cached by hash) and its separability on val groups."""
-    eval_cfg = evaluate.EvaluateConfig(model=teacher, data=config.data, threads=2,
-                                       max_images=profile.eval_max_images)
+    eval_cfg = evaluate.EvaluateConfig(
+        model=teacher, data=config.data, threads=2, max_images=profile.eval_max_images
+    )
     out = config.out / f"teacher-eval-{config_hash(eval_cfg, _tree_hash(teacher))}"
     eval_cfg = eval_cfg.model_copy(update={"out": out})
     summary = _reuse_json(out / "metrics.json") or evaluate.run(eval_cfg)
@@ -114,8 +125,12 @@ def teacher_reference(config: RunConfig, teacher: Path, profile: Profile) -> dic
 
 
 def build_cache(config: RunConfig, teacher: Path, profile: Profile) -> Path:
-    overrides = [f"teacher={teacher}", f"rounds={profile.cache_rounds}",
-                 f"workers={config.workers}", f"threads={config.threads}"]
+    overrides = [
+        f"teacher={teacher}",
+        f"rounds={profile.cache_rounds}",
+        f"workers={config.workers}",
+        f"threads={config.threads}",
+    ]
     if profile.cache_max_groups:
         overrides.append(f"max_groups={profile.cache_max_groups}")
     cfg = load_config(cache.CacheConfig, config.cache_config, overrides)
@@ -125,9 +140,9 @@ def build_cache(config: RunConfig, teacher: Path, profile: Profile) -> Path:
     return out
 
 
-def student_configs(config: RunConfig, cache_dir: Path, teacher: Path, profile: Profile) -> (
-    list[tuple[dict, student.StudentConfig]]
-):
+def student_configs(
+    config: RunConfig, cache_dir: Path, teacher: Path, profile: Profile
+) -> list[tuple[dict, student.StudentConfig]]:
     """(meta, config) for every variant and Fig. 3 point, for every seed."""
     plan: dict[str, dict] = {}
     for name in profile.variants:
@@ -135,25 +150,36 @@ def student_configs(config: RunConfig, cache_dir: Path, teacher: Path, profile: 
         plan[name] = {"variant": name, "groups": groups, "set": []}
     for m1, k in profile.fig3:
         name = "dcd" if (m1, k) == (64, 8) and "dcd" in plan else f"m{m1}_k{k}"
-        entry = plan.setdefault(name, {"variant": "dcd", "groups": [], "set": [
-            f"candidates={m1}", f"keep={k}"]})
+        entry = plan.setdefault(
+            name, {"variant": "dcd", "groups": [], "set": [f"candidates={m1}", f"keep={k}"]}
+        )
         entry["groups"].append("fig3")
-    common = [f"cache={cache_dir}", f"teacher={teacher}", f"epochs={profile.student_epochs}",
-              f"threads={config.threads}"]
+    common = [
+        f"cache={cache_dir}",
+        f"teacher={teacher}",
+        f"epochs={profile.student_epochs}",
+        f"threads={config.threads}",
+    ]
     if profile.eval_max_images:
         common.append(f"eval_max_images={profile.eval_max_images}")
     configs = []
     for name, meta in plan.items():
         for seed in range(config.seeds):
             path = config.variants_dir / f"{meta['variant']}.yaml"
-            cfg = load_config(student.StudentConfig, path, [*common, *meta["set"], f"seed={seed}",
-                                                            f"variant={meta['variant']}"])
+            cfg = load_config(
+                student.StudentConfig,
+                path,
+                [*common, *meta["set"], f"seed={seed}", f"variant={meta['variant']}"],
+            )
             cfg = cfg.model_copy(update={"data": config.data})
             digest = config_hash(cfg, read_manifest(cache_dir).model_dump_json())
-            cfg = cfg.model_copy(update={"out": config.out / "students" / f"{name}-s{seed}-{digest}"})
+            cfg = cfg.model_copy(
+                update={"out": config.out / "students" / f"{name}-s{seed}-{digest}"}
+            )
             candidates, keep = cfg.candidates, cfg.keep
-            configs.append(({"name": name, **meta, "seed": seed, "candidates": candidates,
-                             "keep": keep}, cfg))
+            configs.append(
+                ({"name": name, **meta, "seed": seed, "candidates": candidates, "keep": keep}, cfg)
+            )
     return configs
 
 
@@ -192,11 +218,16 @@ def run(config: RunConfig, command: str = "dcd run") -> dict:
 
     started = stages.start("report")
     results = {
-        "command": command, "date": datetime.date.today().isoformat(), "profile": config.profile,
-        "seeds": list(range(config.seeds)), "dataset": config.data.dataset, "split": "test",
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "profile": config.profile,
+        "seeds": list(range(config.seeds)),
+        "dataset": config.data.dataset,
+        "split": "test",
         "teacher": teacher_summary,
         "students": [{**meta, "summary": s} for (meta, _), s in zip(planned, summaries)],
-        "inspect": inspected, "timings": stages.timings,
+        "inspect": inspected,
+        "timings": stages.timings,
     }
     write_json(config.out / "results.json", results)
     from stages import report
@@ -215,4 +246,4 @@ def _reuse_json(path: Path) -> dict | None:
 
 
 def _tree_hash(folder: Path) -> str:
-    return cache.teacher_fingerprint(folder)
+    return teacher_fingerprint(folder)

@@ -26,7 +26,13 @@ from pipeline.data import DataConfig, open_data
 from pipeline.fsio import write_json
 from pipeline.groups import make_groups
 from pipeline.losses import LossSwitches, distillation_losses
-from pipeline.models import load_model, make_student, parameter_count, save_model
+from pipeline.models import (
+    load_model,
+    make_student,
+    parameter_count,
+    save_model,
+    teacher_fingerprint,
+)
 from pipeline.runtime import seed_everything, set_threads
 from pipeline.scoring import PairScorer, pick_device
 from pipeline.shards import CacheError, read_manifest, shuffled_batches
@@ -86,13 +92,18 @@ class StudentConfig(StrictModel):
 def check_cache(config: StudentConfig, data_fingerprint: str, tokenizer_fingerprint: str) -> dict:
     """The cache manifest, after checking it matches the data, tokenizer and M + 1."""
     manifest = read_manifest(config.cache)
-    found = {"dataset": data_fingerprint, "tokenizer": tokenizer_fingerprint}
+    found = {
+        "dataset": data_fingerprint,
+        "tokenizer": tokenizer_fingerprint,
+        "teacher": teacher_fingerprint(config.teacher),
+    }
     for name, value in found.items():
         if manifest.fingerprints[name] != value:
             raise CacheError(
                 f"{config.cache}: the cache was built from another {name} "
-                f"({manifest.fingerprints[name]}) than the one given ({value}); rebuild it with "
-                "`dcd teacher cache` or point `data` at the dataset it was made from"
+                f"({manifest.fingerprints[name]}) than the one given ({value}); point "
+                f"`{'data' if name != 'teacher' else 'teacher'}` at what made it, or rebuild the "
+                "cache with `dcd teacher cache`"
             )
     if config.candidates > manifest.group_size:
         raise CacheError(
@@ -144,8 +155,10 @@ def separability(scorer: PairScorer, groups: torch.Tensor) -> dict[str, float]:
             positives.append(diagonal)
             negatives.append(off.topk(min(3, len(matrix) - 1), dim=1).values.flatten())
     scorer.model.train()
-    return {"val_positive": torch.cat(positives).mean().item(),
-            "val_top3_negative": torch.cat(negatives).mean().item()}
+    return {
+        "val_positive": torch.cat(positives).mean().item(),
+        "val_top3_negative": torch.cat(negatives).mean().item(),
+    }
 
 
 def run(config: StudentConfig) -> dict:
@@ -160,54 +173,89 @@ def run(config: StudentConfig) -> dict:
     # student from the teacher's layers; the teacher itself only when online
     device = pick_device(config.device)
     teacher_model = load_model(config.teacher)
-    student = PairScorer(make_student(teacher_model, config.student_layers), data.images,
-                         data.captions, device)
-    teacher = PairScorer(teacher_model, data.images, data.captions, device) if config.online else None
+    student = PairScorer(
+        make_student(teacher_model, config.student_layers), data.images, data.captions, device
+    )
+    teacher = (
+        PairScorer(teacher_model, data.images, data.captions, device) if config.online else None
+    )
     loss = StudentLoss(config, student, teacher)
 
     rows_per_round = sum(s["rows"] for s in manifest["shards"]) // manifest["rounds"]
-    schedule = Schedule(config.epochs, -(-rows_per_round // config.batch_queries), config.lr,
-                        config.warmup_steps, config.weight_decay, config.log_every)
+    schedule = Schedule(
+        config.epochs,
+        -(-rows_per_round // config.batch_queries),
+        config.lr,
+        config.warmup_steps,
+        config.weight_decay,
+        config.log_every,
+    )
     trainer = Trainer(student.model, schedule, out, config.seed)
     if config.resume:
         trainer.resume()
 
     def epoch_batches(epoch: int):
         reader = lambda: shuffled_batches(  # noqa: E731
-            config.cache, seed=config.seed * 1000 + epoch, buffer_rows=config.shuffle_buffer,
-            batch_rows=config.batch_queries, columns=CACHE_COLUMNS,
-            rounds=[epoch % manifest["rounds"]])
+            config.cache,
+            seed=config.seed * 1000 + epoch,
+            buffer_rows=config.shuffle_buffer,
+            batch_rows=config.batch_queries,
+            columns=CACHE_COLUMNS,
+            rounds=[epoch % manifest["rounds"]],
+        )
         return cache_batches(reader, config.candidates)
 
-    val_groups = torch.from_numpy(make_groups(data.split("val"), min(16, len(data.split("val").images)),
-                                              config.seed, 0)[: config.separability_groups])
+    val_groups = torch.from_numpy(
+        make_groups(data.split("val"), min(16, len(data.split("val").images)), config.seed, 0)[
+            : config.separability_groups
+        ]
+    )
     start = time.perf_counter()
-    trainer.fit(epoch_batches, loss, config.batch_queries * config.keep,
-                on_epoch_end=lambda epoch: separability(student, val_groups) if len(val_groups) else {})
+    trainer.fit(
+        epoch_batches,
+        loss,
+        config.batch_queries * config.keep,
+        on_epoch_end=lambda epoch: separability(student, val_groups) if len(val_groups) else {},
+    )
     seconds = time.perf_counter() - start
     save_model(student.model.cpu(), out / "model")
     return _finish(config, out, trainer, student, seconds)
 
 
-def _finish(config: StudentConfig, out: Path, trainer: Trainer, student: PairScorer,
-            seconds: float) -> dict:
+def _finish(
+    config: StudentConfig, out: Path, trainer: Trainer, student: PairScorer, seconds: float
+) -> dict:
     steps = [r for r in trainer.state.history if r.get("event") == "step"]
     summary = {
-        "variant": config.variant, "seed": config.seed, "model": str(out / "model"),
-        "parameters": parameter_count(student.model), "steps": trainer.state.step,
+        "variant": config.variant,
+        "seed": config.seed,
+        "model": str(out / "model"),
+        "parameters": parameter_count(student.model),
+        "steps": trainer.state.step,
         "train_seconds": round(seconds, 1),
-        "pairs_per_s": round(sum(r["pairs_per_s"] for r in steps) / len(steps), 1) if steps else None,
+        "pairs_per_s": round(sum(r["pairs_per_s"] for r in steps) / len(steps), 1)
+        if steps
+        else None,
         "data_wait": round(sum(r["data_wait"] for r in steps) / len(steps), 3) if steps else None,
         "separability": [r for r in trainer.state.history if r.get("event") == "epoch"],
     }
     if config.evaluate:
         from stages import evaluate
 
-        eval_config = evaluate.EvaluateConfig(model=out / "model", data=config.data,
-                                              out=out / "eval", threads=config.threads or 2,
-                                              max_images=config.eval_max_images)
+        eval_config = evaluate.EvaluateConfig(
+            model=out / "model",
+            data=config.data,
+            out=out / "eval",
+            threads=config.threads or 2,
+            max_images=config.eval_max_images,
+        )
         summary["test"] = evaluate.run(eval_config)
     write_json(out / "summary.json", summary)
-    log.info("student %s: %d steps in %.0f s%s", config.variant, summary["steps"], seconds,
-             f", test RSUM {summary['test']['metrics']['rsum']:.1f}" if "test" in summary else "")
+    log.info(
+        "student %s: %d steps in %.0f s%s",
+        config.variant,
+        summary["steps"],
+        seconds,
+        f", test RSUM {summary['test']['metrics']['rsum']:.1f}" if "test" in summary else "",
+    )
     return summary

@@ -51,8 +51,14 @@ def run_configs(config: SweepConfig, base_dir: Path) -> list[student.StudentConf
         path = item.config if item.config.is_absolute() else base_dir / item.config
         name = item.name or path.stem
         for seed in config.seeds:
-            overrides = [*config.set, *item.set, f"seed={seed}", f"threads={config.threads}",
-                         f"out={config.out / f'{name}-s{seed}'}", f"variant={name}"]
+            overrides = [
+                *config.set,
+                *item.set,
+                f"seed={seed}",
+                f"threads={config.threads}",
+                f"out={config.out / f'{name}-s{seed}'}",
+                f"variant={name}",
+            ]
             configs.append(load_config(student.StudentConfig, path, overrides))
     return configs
 
@@ -64,11 +70,12 @@ def _train(config: student.StudentConfig) -> dict:
     return student.run(config)
 
 
-def train_all(configs: list[student.StudentConfig], workers: int, threads: int,
-              ray_address: str | None = None) -> list[dict]:
+def train_all(
+    configs: list[student.StudentConfig], workers: int, threads: int, ray_address: str | None = None
+) -> list[dict]:
     """Summaries of every student config, training only those without a summary.json;
     `workers` runs at a time as Ray tasks of `threads` CPUs each."""
-    summaries = {str(c.out): _load_summary(c.out) for c in configs}
+    summaries = {str(c.out): _load_summary(c) for c in configs}
     todo = [c for c in configs if summaries[str(c.out)] is None]
     log.info("students: %d runs, %d already done", len(configs), len(configs) - len(todo))
     if todo and workers == 1 and not ray_address:
@@ -93,17 +100,29 @@ def run(config: SweepConfig, base_dir: Path = Path(".")) -> dict:
     return {"runs": len(rows), "results": str(config.out / "results.md"), "rows": rows}
 
 
-def _load_summary(out: Path) -> dict | None:
-    path = Path(out) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def _load_summary(config: student.StudentConfig) -> dict | None:
+    """A finished run's summary, if that run was made with this very config."""
+    path, saved = Path(config.out) / "summary.json", Path(config.out) / "config.yaml"
+    if not path.is_file():
+        return None
+    done = load_config(student.StudentConfig, saved) if saved.is_file() else None
+    if done is None or done.model_copy(update={"resume": False}) != config.model_copy(
+        update={"resume": False}
+    ):
+        log.warning("%s: finished with another config; training it again", config.out)
+        return None
+    return json.loads(path.read_text())
 
 
 def _row(config: student.StudentConfig, summary: dict) -> dict:
     metrics = summary.get("test", {}).get("metrics", {})
     row = {"variant": config.variant, "seed": config.seed}
     row.update({name: metrics.get(name) for name in METRICS})
-    row.update(train_seconds=summary["train_seconds"], pairs_per_s=summary["pairs_per_s"],
-               out=str(config.out))
+    row.update(
+        train_seconds=summary["train_seconds"],
+        pairs_per_s=summary["pairs_per_s"],
+        out=str(config.out),
+    )
     return row
 
 

@@ -194,9 +194,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
     root = tmp_path_factory.mktemp("tiny")
     json_path = write_shapes(ShapesSpec(image_size=32, **TINY_SHAPES), root / "shapes")
     manifest = root / "data_manifest.yaml"
-    entry = {"kind": "generated", "json_path": str(json_path),
-             "image_root": str(json_path.parent / "images"), "splits": TINY_SHAPES,
-             "captions_per_image": 5}
+    entry = {
+        "kind": "generated",
+        "json_path": str(json_path),
+        "image_root": str(json_path.parent / "images"),
+        "splits": TINY_SHAPES,
+        "captions_per_image": 5,
+    }
     manifest.write_text(yaml.safe_dump({"datasets": {"shapes": entry}}))
     model_dir = save_model(build_model("tiny", seed=0), root / "tiny-model")
     return TinySetup(root=root, manifest=manifest, model_dir=model_dir)

@@ -1,6 +1,6 @@
 """From cache rows to student pairs (pipeline/candidates.py): hand-made rows and a real cache.
 
-    .venv/bin/python -m pytest tests/test_candidates.py -x -q
+.venv/bin/python -m pytest tests/test_candidates.py -x -q
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ def built(tiny, tmp_path_factory):
             parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
     root = tmp_path_factory.mktemp("candidates")
     teacher = save_model(model, root / "teacher")
-    fields = {"teacher": teacher, "out": root / "cache", "group_size": GROUP_SIZE, "keep": KEEP,
-              "rounds": ROUNDS, "workers": 0, "threads": 1}
+    fields = {
+        "teacher": teacher,
+        "out": root / "cache",
+        "group_size": GROUP_SIZE,
+        "keep": KEEP,
+        "rounds": ROUNDS,
+        "workers": 0,
+        "threads": 1,
+    }
     overrides = tiny.data_overrides() + [f"{key}={value}" for key, value in fields.items()]
     config = load_config(cache.CacheConfig, None, overrides)
     cache.run(config)
@@ -59,14 +66,14 @@ def hand_made(dictionary: list[str]) -> pa.RecordBatch:
     candidate_logits = [[0.5, 2.0, -1.0, 0.0, 3.0], [1.5, 1.0, 4.0, -2.0, 0.25]]
     codes = [dictionary.index("tr"), dictionary.index("ir")]
     arrays = {
-        "direction": pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()),
-                                                    pa.array(dictionary)),
+        "direction": pa.DictionaryArray.from_arrays(
+            pa.array(codes, pa.int8()), pa.array(dictionary)
+        ),
         "query_id": pa.array([7, 80], pa.int64()),
         "candidate_ids": pa.array(candidate_ids, schema.field("candidate_ids").type),
         "candidate_logits": pa.array(candidate_logits, schema.field("candidate_logits").type),
     }
-    return pa.RecordBatch.from_arrays([arrays[name] for name in CACHE_COLUMNS],
-                                      names=CACHE_COLUMNS)
+    return pa.RecordBatch.from_arrays([arrays[name] for name in CACHE_COLUMNS], names=CACHE_COLUMNS)
 
 
 # ----------------------------------------------------------------------------- hand-made rows
@@ -165,9 +172,11 @@ def test_random_choice_is_the_first_keep_in_draw_order(built):
 
 def test_cache_batches_cover_one_round_once(built):
     """One epoch's stream: every (direction, query) of the round exactly once, M + 1 wide."""
+
     def reader():
-        return shuffled_batches(built, seed=3, buffer_rows=64, batch_rows=24,
-                                columns=CACHE_COLUMNS, rounds=[1])
+        return shuffled_batches(
+            built, seed=3, buffer_rows=64, batch_rows=24, columns=CACHE_COLUMNS, rounds=[1]
+        )
 
     seen = []
     for drawn in cache_batches(reader, candidates=6):

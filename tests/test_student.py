@@ -53,23 +53,41 @@ def setup(tiny, tmp_path_factory) -> dict:
             parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
     root = tmp_path_factory.mktemp("student")
     teacher = save_model(model, root / "teacher")
-    fields = {"teacher": teacher, "out": root / "cache", "group_size": GROUP_SIZE, "keep": KEEP,
-              "rounds": ROUNDS, "workers": 0, "threads": 1}
+    fields = {
+        "teacher": teacher,
+        "out": root / "cache",
+        "group_size": GROUP_SIZE,
+        "keep": KEEP,
+        "rounds": ROUNDS,
+        "workers": 0,
+        "threads": 1,
+    }
     overrides = tiny.data_overrides() + [f"{key}={value}" for key, value in fields.items()]
     cache.run(load_config(cache.CacheConfig, None, overrides))
     return {"teacher": teacher, "cache": root / "cache"}
 
 
 def overrides(tiny, setup, out: Path, *extra: str) -> list[str]:
-    return [*tiny.data_overrides(), f"cache={setup['cache']}", f"teacher={setup['teacher']}",
-            f"out={out}", "student_layers=[1]", f"candidates={GROUP_SIZE}", f"keep={KEEP}",
-            f"batch_queries={QUERIES}", "epochs=1", "threads=1", "device=cpu", "log_every=1",
-            "warmup_steps=2", "evaluate=false", *extra]
+    return [
+        *tiny.data_overrides(),
+        f"cache={setup['cache']}",
+        f"teacher={setup['teacher']}",
+        f"out={out}",
+        "student_layers=[1]",
+        f"candidates={GROUP_SIZE}",
+        f"keep={KEEP}",
+        f"batch_queries={QUERIES}",
+        "epochs=1",
+        "threads=1",
+        "device=cpu",
+        "log_every=1",
+        "warmup_steps=2",
+        "evaluate=false",
+        *extra,
+    ]
 
 
-def make_config(tiny, setup, out: Path, *extra: str, variant: str = "dcd") -> (
-    student.StudentConfig
-):
+def make_config(tiny, setup, out: Path, *extra: str, variant: str = "dcd") -> student.StudentConfig:
     path = REPO / "configs" / "variants" / f"{variant}.yaml"
     return load_config(student.StudentConfig, path, overrides(tiny, setup, out, *extra))
 
@@ -90,8 +108,14 @@ def scorers(tiny, setup) -> dict:
     cpu = torch.device("cpu")
 
     def reader():
-        return shuffled_batches(setup["cache"], seed=0, buffer_rows=256, batch_rows=QUERIES,
-                                columns=CACHE_COLUMNS, rounds=[0])
+        return shuffled_batches(
+            setup["cache"],
+            seed=0,
+            buffer_rows=256,
+            batch_rows=QUERIES,
+            columns=CACHE_COLUMNS,
+            rounds=[0],
+        )
 
     return {
         "data": data,
@@ -120,8 +144,9 @@ def test_the_positive_is_column_zero_after_selection(tiny, setup, scorers, varia
     columns, _ = choose(drawn.teacher_logits, KEEP, config.selection, config.adjust)
     image_ids, caption_ids = gather_pairs(drawn, columns)
     caption_image = scorers["data"].dataset.caption_image
-    assert all(caption_image[c] == i for i, c in zip(image_ids[:, 0].tolist(),
-                                                     caption_ids[:, 0].tolist()))
+    assert all(
+        caption_image[c] == i for i, c in zip(image_ids[:, 0].tolist(), caption_ids[:, 0].tolist())
+    )
 
     # the loss sees the same order: only column 0 scores high, so each query's CE is tiny
     terms = student.StudentLoss(config, TruePairScorer(caption_image), None)(drawn)
@@ -131,8 +156,9 @@ def test_the_positive_is_column_zero_after_selection(tiny, setup, scorers, varia
 
 def test_online_and_cached_teacher_give_the_same_losses(tiny, setup, scorers, tmp_path):
     drawn = scorers["drawn"]
-    online = student.StudentLoss(make_config(tiny, setup, tmp_path, "online=true"),
-                                 scorers["student"], scorers["teacher"])
+    online = student.StudentLoss(
+        make_config(tiny, setup, tmp_path, "online=true"), scorers["student"], scorers["teacher"]
+    )
     cached = student.StudentLoss(make_config(tiny, setup, tmp_path), scorers["student"], None)
     assert torch.allclose(online.teacher_logits(drawn), drawn.teacher_logits, atol=1e-5)
 
@@ -140,8 +166,9 @@ def test_online_and_cached_teacher_give_the_same_losses(tiny, setup, scorers, tm
         online_terms, cached_terms = online(drawn), cached(drawn)
     assert set(online_terms) == TERMS
     for name in TERMS:
-        assert online_terms[name].item() == pytest.approx(cached_terms[name].item(), abs=1e-5,
-                                                          rel=1e-5), name
+        assert online_terms[name].item() == pytest.approx(
+            cached_terms[name].item(), abs=1e-5, rel=1e-5
+        ), name
 
 
 def w_max(config, student_scorer, drawn) -> float:
@@ -157,8 +184,9 @@ def test_uncertainty_weights_come_from_the_student_or_the_teacher(tiny, setup, s
     with torch.no_grad():
         for parameter in perturbed.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
-    other_student = PairScorer(perturbed, scorers["data"].images, scorers["data"].captions,
-                               torch.device("cpu"))
+    other_student = PairScorer(
+        perturbed, scorers["data"].images, scorers["data"].captions, torch.device("cpu")
+    )
 
     by_student = make_config(tiny, setup, tmp_path, variant="student_uncertainty")
     assert by_student.loss.uncertainty_from == "student" and by_student.loss.weight_hard
@@ -205,19 +233,27 @@ def test_every_variant_trains_one_epoch(tiny, setup, tmp_path, path):
     # the variant's switches reach the loss: uniform weights are exactly 1/K, no distillation
     # is exactly 0, WSL's omega is below 1
     first = steps[0]
-    weighted = {"w": first["w_max"] > 1.01 / QUERIES, "c": first["c_max"] > 1.0001 / QUERIES,
-                "distill": first["distill"] > 0, "wsl": first["wsl_mean"] < 1}
+    weighted = {
+        "w": first["w_max"] > 1.01 / QUERIES,
+        "c": first["c_max"] > 1.0001 / QUERIES,
+        "distill": first["distill"] > 0,
+        "wsl": first["wsl_mean"] < 1,
+    }
     expected = {
-        "finetune": set(), "vanilla_kd": {"distill"}, "wsl_kd": {"distill", "wsl"},
-        "ds_ka": {"distill"}, "ds_ka_hw": {"distill", "w"}, "ds_ka_sw": {"distill", "c"},
-        "dcd": {"distill", "w", "c"}, "student_uncertainty": {"distill", "w", "c"},
+        "finetune": set(),
+        "vanilla_kd": {"distill"},
+        "wsl_kd": {"distill", "wsl"},
+        "ds_ka": {"distill"},
+        "ds_ka_hw": {"distill", "w"},
+        "ds_ka_sw": {"distill", "c"},
+        "dcd": {"distill", "w", "c"},
+        "student_uncertainty": {"distill", "w", "c"},
     }[path.stem]
     assert {name for name, on in weighted.items() if on} == expected
 
 
 def test_metrics_and_summary(tiny, setup, tmp_path):
-    summary = student.run(make_config(tiny, setup, tmp_path, "evaluate=true",
-                                      "eval_max_images=4"))
+    summary = student.run(make_config(tiny, setup, tmp_path, "evaluate=true", "eval_max_images=4"))
     steps = logged(tmp_path)
     assert [r["step"] for r in steps] == list(range(1, STEPS_PER_EPOCH + 1))
     for record in steps:
@@ -232,9 +268,9 @@ def test_metrics_and_summary(tiny, setup, tmp_path):
     written = json.loads((tmp_path / "summary.json").read_text())
     metrics = written["test"]["metrics"]
     assert {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"} <= set(metrics)
-    assert metrics["rsum"] == pytest.approx(sum(metrics[k] for k in
-                                                ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5",
-                                                 "ir_r10")))
+    assert metrics["rsum"] == pytest.approx(
+        sum(metrics[k] for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"))
+    )
     assert written["test"]["shortlist"] == "first 4 images" and metrics["n_images"] == 4
     assert written["steps"] == summary["steps"] == STEPS_PER_EPOCH
     assert written["pairs_per_s"] > 0 and (tmp_path / "config.yaml").is_file()
@@ -259,10 +295,10 @@ def test_resume_equals_uninterrupted(tiny, setup, tmp_path, monkeypatch):
         student.run(make_config(tiny, setup, tmp_path / "resumed", "epochs=2"))
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
     call, calls = student.StudentLoss.__call__, []
-    monkeypatch.setattr(student.StudentLoss, "__call__",
-                        lambda self, drawn: calls.append(1) or call(self, drawn))
-    resumed = student.run(make_config(tiny, setup, tmp_path / "resumed", "epochs=2",
-                                      "resume=true"))
+    monkeypatch.setattr(
+        student.StudentLoss, "__call__", lambda self, drawn: calls.append(1) or call(self, drawn)
+    )
+    resumed = student.run(make_config(tiny, setup, tmp_path / "resumed", "epochs=2", "resume=true"))
 
     assert len(calls) == STEPS_PER_EPOCH  # only the second epoch ran again
     assert resumed["steps"] == straight["steps"] == 2 * STEPS_PER_EPOCH
@@ -280,8 +316,13 @@ def test_cache_of_another_dataset_is_refused_naming_it(tiny, setup, tmp_path):
     sizes = {"train": 64, "val": 16, "test": 16}
     json_path = write_shapes(ShapesSpec(image_size=32, seed=1, **sizes), tmp_path / "other")
     manifest = tmp_path / "data_manifest.yaml"
-    entry = {"kind": "generated", "json_path": str(json_path), "captions_per_image": 5,
-             "image_root": str(json_path.parent / "images"), "splits": sizes}
+    entry = {
+        "kind": "generated",
+        "json_path": str(json_path),
+        "captions_per_image": 5,
+        "image_root": str(json_path.parent / "images"),
+        "splits": sizes,
+    }
     manifest.write_text(json.dumps({"datasets": {"shapes": entry}}))
 
     args = ["student", "train", str(REPO / "configs" / "variants" / "dcd.yaml")]
@@ -314,12 +355,15 @@ def test_more_candidates_than_the_cache_holds_is_refused(tiny, setup, tmp_path):
         student.run(config)
 
 
-@pytest.mark.parametrize(("extra", "names"), [
-    (["candidates=4", "keep=5"], ["keep (5)", "candidates (4)"]),
-    (["loss.alpha=1.5"], ["loss.alpha"]),
-    (["loss.alpha=-0.1"], ["loss.alpha"]),
-    (["loss.distill=false", "loss.weight_soft=true", "loss.alpha=0"], ["weight_soft"]),
-])
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        (["candidates=4", "keep=5"], ["keep (5)", "candidates (4)"]),
+        (["loss.alpha=1.5"], ["loss.alpha"]),
+        (["loss.alpha=-0.1"], ["loss.alpha"]),
+        (["loss.distill=false", "loss.weight_soft=true", "loss.alpha=0"], ["weight_soft"]),
+    ],
+)
 def test_bad_config_is_refused_naming_the_keys(tiny, setup, tmp_path, extra, names):
     with pytest.raises(ConfigError) as error:
         make_config(tiny, setup, tmp_path, *extra)
@@ -330,8 +374,9 @@ def test_bad_config_is_refused_naming_the_keys(tiny, setup, tmp_path, extra, nam
 # --- divergence -------------------------------------------------------------------------------
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, setup, tmp_path,
-                                                                      monkeypatch):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(
+    tiny, setup, tmp_path, monkeypatch
+):
     call = student.StudentLoss.__call__
     calls = []
 
@@ -343,8 +388,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny, setu
         return terms
 
     monkeypatch.setattr(student.StudentLoss, "__call__", nan_in_epoch_two)
-    with pytest.raises(TrainingError, match=rf"non-finite loss nan at step {STEPS_PER_EPOCH + 2}"
-                                            r".*checkpoint.*\(epoch 1\)"):
+    with pytest.raises(
+        TrainingError,
+        match=rf"non-finite loss nan at step {STEPS_PER_EPOCH + 2}"
+        r".*checkpoint.*\(epoch 1\)",
+    ):
         student.run(make_config(tiny, setup, tmp_path, "epochs=2"))
 
     saved = torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=False)["state"]

@@ -1,7 +1,7 @@
 """`dcd student sweep` (stages/sweep.py) on a tiny cache: results tables, reuse, Ray workers.
 
-    .venv/bin/python -m pytest tests/test_sweep.py -x -q            # the slow Ray test included
-    .venv/bin/python -m pytest tests/test_sweep.py -x -q -m "not slow"
+.venv/bin/python -m pytest tests/test_sweep.py -x -q            # the slow Ray test included
+.venv/bin/python -m pytest tests/test_sweep.py -x -q -m "not slow"
 """
 
 from __future__ import annotations
@@ -43,20 +43,47 @@ def shared(tiny, tmp_path_factory) -> list[str]:
             parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
     root = tmp_path_factory.mktemp("sweep")
     teacher = save_model(model, root / "teacher")
-    fields = {"teacher": teacher, "out": root / "cache", "group_size": 16, "keep": 4,
-              "rounds": 2, "workers": 0, "threads": 1}
-    cache.run(load_config(cache.CacheConfig, None,
-                          tiny.data_overrides() + [f"{k}={v}" for k, v in fields.items()]))
-    return [*tiny.data_overrides(), f"cache={root / 'cache'}", f"teacher={teacher}",
-            "student_layers=[1]", "candidates=16", "keep=4", "epochs=1", "device=cpu",
-            "warmup_steps=2", "log_every=2", "eval_max_images=4"]
+    fields = {
+        "teacher": teacher,
+        "out": root / "cache",
+        "group_size": 16,
+        "keep": 4,
+        "rounds": 2,
+        "workers": 0,
+        "threads": 1,
+    }
+    cache.run(
+        load_config(
+            cache.CacheConfig, None, tiny.data_overrides() + [f"{k}={v}" for k, v in fields.items()]
+        )
+    )
+    return [
+        *tiny.data_overrides(),
+        f"cache={root / 'cache'}",
+        f"teacher={teacher}",
+        "student_layers=[1]",
+        "candidates=16",
+        "keep=4",
+        "epochs=1",
+        "device=cpu",
+        "warmup_steps=2",
+        "log_every=2",
+        "eval_max_images=4",
+    ]
 
 
 def write_sweep(folder: Path, shared: list[str], workers: int) -> Path:
-    document = {"runs": [{"config": str(VARIANTS / "finetune.yaml")},
-                         {"config": str(VARIANTS / "dcd.yaml")}],
-                "seeds": [0], "set": shared, "out": str(folder / "results"),
-                "workers": workers, "threads": 1}
+    document = {
+        "runs": [
+            {"config": str(VARIANTS / "finetune.yaml")},
+            {"config": str(VARIANTS / "dcd.yaml")},
+        ],
+        "seeds": [0],
+        "set": shared,
+        "out": str(folder / "results"),
+        "workers": workers,
+        "threads": 1,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -108,14 +135,27 @@ def test_sweep_writes_results_and_reuses_finished_runs(shared, tmp_path):
 
 def test_run_configs_per_run_overrides_win_and_seeds_multiply(shared, tmp_path):
     config = sweep.SweepConfig(
-        runs=[sweep.SweepRun(config=Path("finetune.yaml")),
-              sweep.SweepRun(config=Path("dcd.yaml"), name="dcd-long", set=["epochs=3"])],
-        seeds=[0, 5], set=[*shared, "epochs=2"], out=tmp_path)
+        runs=[
+            sweep.SweepRun(config=Path("finetune.yaml")),
+            sweep.SweepRun(config=Path("dcd.yaml"), name="dcd-long", set=["epochs=3"]),
+        ],
+        seeds=[0, 5],
+        set=[*shared, "epochs=2"],
+        out=tmp_path,
+    )
     configs = sweep.run_configs(config, base_dir=VARIANTS)  # relative paths from base_dir
     assert [(c.variant, c.seed, c.epochs) for c in configs] == [
-        ("finetune", 0, 2), ("finetune", 5, 2), ("dcd-long", 0, 3), ("dcd-long", 5, 3)]
-    assert [c.out.name for c in configs] == ["finetune-s0", "finetune-s5", "dcd-long-s0",
-                                             "dcd-long-s5"]
+        ("finetune", 0, 2),
+        ("finetune", 5, 2),
+        ("dcd-long", 0, 3),
+        ("dcd-long", 5, 3),
+    ]
+    assert [c.out.name for c in configs] == [
+        "finetune-s0",
+        "finetune-s5",
+        "dcd-long-s0",
+        "dcd-long-s5",
+    ]
     assert configs[2].loss.weight_hard and not configs[0].loss.distill
 
 

@@ -107,22 +107,28 @@ def make_student(
     bad = [index for index in layers if not 0 <= index < depth]
     if bad or not layers:
         raise ModelError(f"student layers {layers} must be non-empty indices in [0, {depth})")
-    config = ViltConfig(**{**teacher.config.to_dict(), "num_hidden_layers": len(layers)})
-    student = ViltForImageAndTextRetrieval(config)
+    student = _relayered(teacher, layers)
+    log.info("student: %d of %d teacher layers %s", len(layers), depth, layers)
+    return student.eval()
 
-    # copy everything; encoder layers are renumbered from the chosen teacher indices
-    source = teacher.state_dict()
+
+def _relayered(
+    model: ViltForImageAndTextRetrieval, source: list[int]
+) -> ViltForImageAndTextRetrieval:
+    """A copy whose encoder layer j is `model`'s layer source[j]; every other tensor copied."""
+    config = ViltConfig(**{**model.config.to_dict(), "num_hidden_layers": len(source)})
+    copy = ViltForImageAndTextRetrieval(config)
+    state = model.state_dict()
     mapped = {}
-    for name in student.state_dict():
+    for name in copy.state_dict():
         key = name
         if ".encoder.layer." in name:
             head, tail = name.split(".encoder.layer.")
             index, rest = tail.split(".", 1)
-            key = f"{head}.encoder.layer.{layers[int(index)]}.{rest}"
-        mapped[name] = source[key].clone()
-    student.load_state_dict(mapped)
-    log.info("student: %d of %d teacher layers %s", len(layers), depth, layers)
-    return student.eval()
+            key = f"{head}.encoder.layer.{source[int(index)]}.{rest}"
+        mapped[name] = state[key].clone()
+    copy.load_state_dict(mapped)
+    return copy
 
 
 @torch.no_grad()
@@ -138,20 +144,9 @@ def grow_model(model: ViltForImageAndTextRetrieval, depth: int) -> ViltForImageA
     old = model.config.num_hidden_layers
     if depth <= old:
         raise ModelError(f"grow_to ({depth}) must exceed the model's {old} layers")
-    config = ViltConfig(**{**model.config.to_dict(), "num_hidden_layers": depth})
-    grown = ViltForImageAndTextRetrieval(config)
     # new layer j copies original layer source[j]; only the first copy keeps its outputs
     source = [i * old // depth for i in range(depth)]
-    state = model.state_dict()
-    mapped = {}
-    for name in grown.state_dict():
-        key = name
-        if ".encoder.layer." in name:
-            head, tail = name.split(".encoder.layer.")
-            index, rest = tail.split(".", 1)
-            key = f"{head}.encoder.layer.{source[int(index)]}.{rest}"
-        mapped[name] = state[key].clone()
-    grown.load_state_dict(mapped)
+    grown = _relayered(model, source)
     for index, layer in enumerate(grown.vilt.encoder.layer):
         if index > 0 and source[index] == source[index - 1]:
             for dense in (layer.attention.output.dense, layer.output.dense):

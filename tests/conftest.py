@@ -204,3 +204,40 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
     manifest.write_text(yaml.safe_dump({"datasets": {"shapes": entry}}))
     model_dir = save_model(build_model("tiny", seed=0), root / "tiny-model")
     return TinySetup(root=root, manifest=manifest, model_dir=model_dir)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Torch on one thread per test module: CI has 2 cores and Ray tests start workers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY_CACHE = {"group_size": 16, "keep": 4, "rounds": 2}  # 64 train images: 4 groups a round
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny: TinySetup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A perturbed copy of the tiny model (so its logits differ) and its knowledge cache
+    (G = 16, K = 4, 2 rounds), built once per session: {"teacher": dir, "cache": dir}."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.models import load_model, save_model
+    from stages import cache
+
+    model = load_model(tiny.model_dir)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    root = tmp_path_factory.mktemp("tiny-cache")
+    teacher = save_model(model, root / "teacher")
+    fields = {"teacher": teacher, "out": root / "cache", "workers": 0, "threads": 1, **TINY_CACHE}
+    overrides = tiny.data_overrides() + [f"{key}={value}" for key, value in fields.items()]
+    cache.run(load_config(cache.CacheConfig, None, overrides))
+    return {"teacher": teacher, "cache": root / "cache"}

@@ -12,10 +12,7 @@ import pytest
 import torch
 
 from pipeline.candidates import CACHE_COLUMNS, cache_batches, choose, drawn_batch, gather_pairs
-from pipeline.config import load_config
-from pipeline.models import load_model, save_model
 from pipeline.shards import cache_schema, read_manifest, shuffled_batches
-from stages import cache
 
 torch.set_num_threads(1)
 GROUP_SIZE, KEEP, ROUNDS = 16, 4, 2  # 64 train images: 4 groups per round, 128 rows per round
@@ -25,28 +22,8 @@ GROUP_SIZE, KEEP, ROUNDS = 16, 4, 2  # 64 train images: 4 groups per round, 128 
 
 
 @pytest.fixture(scope="module")
-def built(tiny, tmp_path_factory):
-    """A real cache of the tiny model with perturbed weights (so its logits differ)."""
-    model = load_model(tiny.model_dir)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-    root = tmp_path_factory.mktemp("candidates")
-    teacher = save_model(model, root / "teacher")
-    fields = {
-        "teacher": teacher,
-        "out": root / "cache",
-        "group_size": GROUP_SIZE,
-        "keep": KEEP,
-        "rounds": ROUNDS,
-        "workers": 0,
-        "threads": 1,
-    }
-    overrides = tiny.data_overrides() + [f"{key}={value}" for key, value in fields.items()]
-    config = load_config(cache.CacheConfig, None, overrides)
-    cache.run(config)
-    return config.out
+def built(tiny_cache):
+    return tiny_cache["cache"]
 
 
 def all_rows(cache_dir) -> pa.RecordBatch:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import typer
 import yaml
 from typer.testing import CliRunner
@@ -14,14 +13,6 @@ from typer.testing import CliRunner
 from stages.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def dcd(*args: str):

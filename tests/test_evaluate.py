@@ -45,14 +45,6 @@ SUMMARY_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def eval_config(tiny, out, **fields) -> evaluate.EvaluateConfig:
     return evaluate.EvaluateConfig(
         model=tiny.model_dir, data=tiny.data_config(), out=out, threads=1, device="cpu", **fields

@@ -17,14 +17,6 @@ from pipeline.training import TrainingError
 from stages import finetune
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def config(tiny, out, *overrides: str) -> finetune.FinetuneConfig:
     base = [
         *tiny.data_overrides(),

@@ -18,14 +18,6 @@ from pipeline.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teacher() -> ViltForImageAndTextRetrieval:
     """A 12-layer `tiny` model whose tensors all differ, so a wrong copy cannot pass by chance."""

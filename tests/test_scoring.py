@@ -10,14 +10,6 @@ from pipeline.models import build_model
 from pipeline.scoring import PairScorer, embed_images
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def test_data(tiny):
     return open_data(tiny.data_config(), ("test",))

@@ -19,12 +19,12 @@ from typer.testing import CliRunner
 from pipeline.candidates import CACHE_COLUMNS, cache_batches, choose, gather_pairs
 from pipeline.config import ConfigError, load_config
 from pipeline.data import open_data
-from pipeline.models import load_model, make_student, save_model
+from pipeline.models import load_model, make_student
 from pipeline.scoring import PairScorer
 from pipeline.shapes import ShapesSpec, write_shapes
 from pipeline.shards import CacheError, shuffled_batches
 from pipeline.training import Trainer, TrainingError
-from stages import cache, student
+from stages import student
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,36 +35,9 @@ QUERIES, STEPS_PER_EPOCH = 32, 4
 TERMS = {"total", "task", "distill", "w_mean", "w_max", "c_mean", "c_max", "wsl_mean"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def setup(tiny, tmp_path_factory) -> dict:
-    """A perturbed tiny teacher (so its logits differ) and its cache: G = 16, 2 rounds."""
-    model = load_model(tiny.model_dir)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-    root = tmp_path_factory.mktemp("student")
-    teacher = save_model(model, root / "teacher")
-    fields = {
-        "teacher": teacher,
-        "out": root / "cache",
-        "group_size": GROUP_SIZE,
-        "keep": KEEP,
-        "rounds": ROUNDS,
-        "workers": 0,
-        "threads": 1,
-    }
-    overrides = tiny.data_overrides() + [f"{key}={value}" for key, value in fields.items()]
-    cache.run(load_config(cache.CacheConfig, None, overrides))
-    return {"teacher": teacher, "cache": root / "cache"}
+def setup(tiny_cache) -> dict:
+    return tiny_cache
 
 
 def overrides(tiny, setup, out: Path, *extra: str) -> list[str]:

@@ -16,47 +16,19 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.config import load_config
-from pipeline.models import load_model, save_model
-from stages import cache, sweep
+from pipeline.models import load_model
+from stages import sweep
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = REPO / "configs" / "variants"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def shared(tiny, tmp_path_factory) -> list[str]:
+def shared(tiny, tiny_cache) -> list[str]:
     """The sweep's shared overrides: a cache (G = 16, 2 rounds) of a perturbed tiny teacher."""
-    model = load_model(tiny.model_dir)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
-    root = tmp_path_factory.mktemp("sweep")
-    teacher = save_model(model, root / "teacher")
-    fields = {
-        "teacher": teacher,
-        "out": root / "cache",
-        "group_size": 16,
-        "keep": 4,
-        "rounds": 2,
-        "workers": 0,
-        "threads": 1,
-    }
-    cache.run(
-        load_config(
-            cache.CacheConfig, None, tiny.data_overrides() + [f"{k}={v}" for k, v in fields.items()]
-        )
-    )
+    root = tiny_cache["cache"].parent
+    teacher = tiny_cache["teacher"]
     return [
         *tiny.data_overrides(),
         f"cache={root / 'cache'}",

@@ -16,14 +16,6 @@ STEPS_PER_EPOCH = 3
 BATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def batches(epoch: int) -> Iterator[dict[str, torch.Tensor]]:
     """A pure function of the epoch: STEPS_PER_EPOCH random text-image batches."""
     generator = torch.Generator().manual_seed(100 + epoch)

@@ -258,6 +258,9 @@ def _header(results: Results) -> str:
         if {"n_images", "n_captions"} <= metrics.keys()
         else ""
     )
+    shortlist = lookup(results, "teacher", "shortlist")
+    if shortlist:
+        counts += f", a shortlist: the {shortlist} of the split, every pair of them scored"
     facts = [
         f"- Command: `{results.get('command', '?')}`",
         f"- Date: {results.get('date', '?')}",

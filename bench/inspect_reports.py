@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.inspection import PRESETS, open_cache
-from pipeline.selection import entropy, positive_rank, select_candidates
+from pipeline.knowledge import derived_columns
 from pipeline.shards import CacheManifest, rows_to_table, shard_name, write_manifest, write_shard
 
 CAPTIONS_PER_IMAGE = 5
@@ -34,21 +33,6 @@ CAPTIONS_PER_IMAGE = 5
 POSITIVE_BONUS = 3.5
 HUB_SCALE = 0.4
 HUB_SHARE, HUB_BOOST = 0.01, 2.0
-
-
-def knowledge(
-    candidate_ids: np.ndarray, candidate_logits: np.ndarray, keep: int
-) -> dict[str, np.ndarray]:
-    """The derived cache columns of (Q, G) draw-order rows, computed by pipeline.selection."""
-    logits = torch.from_numpy(np.asarray(candidate_logits, np.float32))
-    kept_columns, kept_logits = select_candidates(logits, keep)
-    return {
-        "topk_ids": np.take_along_axis(np.asarray(candidate_ids), kept_columns.numpy(), 1),
-        "topk_logits": kept_logits.numpy(),
-        "positive_rank": positive_rank(logits).numpy(),
-        "entropy": entropy(kept_logits).numpy(),
-        "positive_prob": torch.softmax(logits, dim=1)[:, 0].numpy(),
-    }
 
 
 def hub_bias(rng: np.random.Generator, count: int) -> np.ndarray:
@@ -99,7 +83,7 @@ def direction_rows(
         "positive_ids": candidate_ids[:, 0],
         "candidate_ids": candidate_ids,
         "candidate_logits": candidate_logits,
-        **knowledge(candidate_ids, candidate_logits, keep),
+        **derived_columns(candidate_ids, candidate_logits, keep),
     }
 
 

@@ -38,15 +38,26 @@ def direction_rows(
     positive is candidate q. Returns arrays for `pipeline.shards.rows_to_table`.
     """
     drawn_logits = np.take_along_axis(logits, orders, axis=1).astype(np.float32)  # (G, G)
-    teacher = torch.from_numpy(drawn_logits)
-    kept_columns, kept_logits = select_candidates(teacher, keep, adjust=True)  # (G, K) each
     drawn_ids = candidate_ids[orders]  # (G, G)
     return {
         "query_ids": query_ids,
         "positive_ids": candidate_ids.copy(),
         "candidate_ids": drawn_ids,
         "candidate_logits": drawn_logits,
-        "topk_ids": np.take_along_axis(drawn_ids, kept_columns.numpy(), axis=1),
+        **derived_columns(drawn_ids, drawn_logits, keep),
+    }
+
+
+def derived_columns(
+    candidate_ids: np.ndarray, candidate_logits: np.ndarray, keep: int
+) -> dict[str, np.ndarray]:
+    """What the cache derives from (Q, G) draw-order rows (column 0 the positive): the
+    knowledge-adjusted top `keep` ids and scores, the positive's rank, the entropy over the
+    kept scores and the positive's probability over all G."""
+    teacher = torch.from_numpy(np.asarray(candidate_logits, dtype=np.float32))
+    kept_columns, kept_logits = select_candidates(teacher, keep, adjust=True)  # (Q, K) each
+    return {
+        "topk_ids": np.take_along_axis(np.asarray(candidate_ids), kept_columns.numpy(), axis=1),
         "topk_logits": kept_logits.numpy().astype(np.float32),
         "positive_rank": positive_rank(teacher).numpy(),
         "entropy": entropy(kept_logits).numpy().astype(np.float32),

@@ -19,7 +19,7 @@ from pipeline.inspection import (
     run_sql,
     teacher_ranks,
 )
-from pipeline.selection import entropy, positive_rank, select_candidates
+from pipeline.knowledge import derived_columns
 from pipeline.shards import (
     CacheError,
     CacheManifest,
@@ -30,21 +30,6 @@ from pipeline.shards import (
 )
 
 torch.set_num_threads(1)
-
-
-def knowledge(
-    candidate_ids: np.ndarray, candidate_logits: np.ndarray, keep: int
-) -> dict[str, np.ndarray]:
-    """The derived cache columns of (Q, G) draw-order rows, computed by pipeline.selection."""
-    logits = torch.from_numpy(np.asarray(candidate_logits, np.float32))
-    kept_columns, kept_logits = select_candidates(logits, keep)
-    return {
-        "topk_ids": np.take_along_axis(np.asarray(candidate_ids), kept_columns.numpy(), 1),
-        "topk_logits": kept_logits.numpy(),
-        "positive_rank": positive_rank(logits).numpy(),
-        "entropy": entropy(kept_logits).numpy(),
-        "positive_prob": torch.softmax(logits, dim=1)[:, 0].numpy(),
-    }
 
 
 # G = 4 candidates, K = 2 kept. Column 0 is the positive. Expected values below are worked
@@ -67,7 +52,7 @@ def write_cache(
 ) -> None:
     candidate_ids = np.asarray(candidate_ids)
     logits = np.asarray(logits, np.float32)
-    derived = knowledge(candidate_ids, logits, keep)
+    derived = derived_columns(candidate_ids, logits, keep)
     shards = []
     for start in range(0, len(query_ids), shard_rows):
         part = slice(start, start + shard_rows)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.selection import entropy, positive_rank, select_candidates
+from pipeline.knowledge import derived_columns
 from pipeline.shards import (
     ROW_GROUP_ROWS,
     SCHEMA_VERSION,
@@ -34,21 +34,6 @@ from pipeline.shards import (
 torch.set_num_threads(1)
 
 
-def knowledge(
-    candidate_ids: np.ndarray, candidate_logits: np.ndarray, keep: int
-) -> dict[str, np.ndarray]:
-    """The derived cache columns of (Q, G) draw-order rows, computed by pipeline.selection."""
-    logits = torch.from_numpy(np.asarray(candidate_logits, np.float32))
-    kept_columns, kept_logits = select_candidates(logits, keep)
-    return {
-        "topk_ids": np.take_along_axis(np.asarray(candidate_ids), kept_columns.numpy(), 1),
-        "topk_logits": kept_logits.numpy(),
-        "positive_rank": positive_rank(logits).numpy(),
-        "entropy": entropy(kept_logits).numpy(),
-        "positive_prob": torch.softmax(logits, dim=1)[:, 0].numpy(),
-    }
-
-
 def random_columns(
     rng: np.random.Generator, queries: int, group_size: int, keep: int, first_id: int = 0
 ) -> dict[str, np.ndarray]:
@@ -60,7 +45,7 @@ def random_columns(
         "positive_ids": candidate_ids[:, 0],
         "candidate_ids": candidate_ids,
         "candidate_logits": logits,
-        **knowledge(candidate_ids, logits, keep),
+        **derived_columns(candidate_ids, logits, keep),
     }
 
 

@@ -58,13 +58,16 @@ class Scorer:
         return self.scorer.matrix(image_ids, caption_ids, pairs_per_batch).numpy()
 
     @torch.inference_mode()
-    def group_matrices(self, groups: np.ndarray) -> np.ndarray:
-        """Logits (n, G, G) of groups (n, G, 2) of (image_id, caption_id).
+    def group_matrices(self, groups: np.ndarray, pairs_per_batch: int | None = None) -> np.ndarray:
+        """Logits (n, G, G) of groups (n, G, 2) of (image_id, caption_id), scored in forward
+        passes of `pairs_per_batch` pairs (None: one pass per group).
 
         Entry [g, i, j] scores image i with caption j of group g.
         """
         groups = torch.from_numpy(groups)
-        return np.stack([self.scorer.group_logits(group).cpu().numpy() for group in groups])
+        return np.stack(
+            [self.scorer.group_logits(group, pairs_per_batch).cpu().numpy() for group in groups]
+        )
 
 
 def scorer_actors(

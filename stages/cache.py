@@ -46,7 +46,7 @@ from pipeline.text import load_tokenizer, tokenizer_fingerprint
 log = logging.getLogger(__name__)
 
 # fields that change how the cache is computed, not what it holds
-_RUNTIME_FIELDS = {"out", "workers", "threads", "ray_address", "device"}
+_RUNTIME_FIELDS = {"out", "workers", "threads", "ray_address", "device", "pairs_per_batch"}
 # temporaries of shards, manifest and config written through pipeline.fsio.atomic_path
 _TEMPORARY = re.compile(r"\.(shard-\d{5}\.parquet|manifest\.json|config\.yaml)\.\d+\.tmp")
 
@@ -66,6 +66,7 @@ class CacheConfig(StrictModel):
     threads: int = Field(default=1, ge=1)  # torch CPU threads per actor
     ray_address: str | None = None
     device: str = "auto"
+    pairs_per_batch: int = Field(default=256, gt=0)  # pairs per teacher forward pass
 
     @model_validator(mode="after")
     def _keep_below_group(self) -> CacheConfig:
@@ -80,8 +81,10 @@ class CacheConfig(StrictModel):
 class ShardWorker(Scorer):
     """Scores a shard's groups and writes the shard (as a Ray actor, or in process)."""
 
-    def write(self, task: dict, out_dir: str, keep: int, seed: int) -> dict:
-        logits = self.group_matrices(task["groups"])  # (n, G, G)
+    def write(
+        self, task: dict, out_dir: str, keep: int, seed: int, pairs_per_batch: int | None = None
+    ) -> dict:
+        logits = self.group_matrices(task["groups"], pairs_per_batch)  # (n, G, G)
         rng = np.random.default_rng([seed, task["round"], task["index"]])
         tables = [
             group_table(group, matrix, task["round"], task["first_group"] + offset, keep, rng)
@@ -145,7 +148,7 @@ def _run_tasks(config: CacheConfig, todo: list[dict]) -> None:
             str(config.teacher), config.data, splits, config.threads, config.device
         )
         for task in todo:
-            worker.write(task, out, config.keep, config.seed)
+            worker.write(task, out, config.keep, config.seed, config.pairs_per_batch)
             bar.update(len(task["groups"]))
     else:
         init_ray(config.ray_address)
@@ -158,7 +161,8 @@ def _run_tasks(config: CacheConfig, todo: list[dict]) -> None:
         pool = ActorPool(actors)
         sizes = {t["index"]: len(t["groups"]) for t in todo}
         for entry in pool.map_unordered(
-            lambda a, t: a.write.remote(t, out, config.keep, config.seed), todo
+            lambda a, t: a.write.remote(t, out, config.keep, config.seed, config.pairs_per_batch),
+            todo,
         ):
             bar.update(sizes[int(entry["name"][6:11])])
     bar.close()

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 from pydantic import Field
 
-from pipeline.config import StrictModel, save_resolved
+from pipeline.config import ConfigError, StrictModel, save_resolved
 from pipeline.data import DataConfig, dataset_spec
 from pipeline.fsio import write_json
 from pipeline.models import load_model, parameter_count
@@ -38,7 +38,7 @@ class EvaluateConfig(StrictModel):
     workers: int = Field(default=1, ge=1)  # 1: score in this process; more: Ray actors
     threads: int = Field(default=2, ge=1)  # torch threads per worker
     ray_address: str | None = None
-    pairs_per_batch: int = Field(default=1024, gt=0)
+    pairs_per_batch: int = Field(default=256, gt=0)  # 256: fastest on CPU (pipeline.scoring)
     device: str = "auto"
 
 
@@ -74,6 +74,11 @@ def run(config: EvaluateConfig) -> dict:
     out = Path(config.out)
     save_resolved(config, out)
     image_ids, caption_ids, caption_image = _split_ids(config)
+    if config.five_fold and len(image_ids) % 5:
+        raise ConfigError(
+            f"five_fold: the {len(image_ids)} images of split {config.split!r} do not split into "
+            "5 equal folds; set five_fold=false or max_images to a multiple of 5"
+        )
     log.info(
         "evaluate: %d images x %d captions = %d pairs",
         len(image_ids),

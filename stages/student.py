@@ -35,7 +35,8 @@ from pipeline.models import (
 )
 from pipeline.runtime import seed_everything, set_threads
 from pipeline.scoring import PairScorer, pick_device
-from pipeline.shards import CacheError, read_manifest, shuffled_batches
+from pipeline.shards import CacheError, read_manifest
+from pipeline.streaming import shuffled_batches
 from pipeline.training import Schedule, Trainer
 
 log = logging.getLogger(__name__)

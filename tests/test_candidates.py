@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipeline.candidates import CACHE_COLUMNS, cache_batches, choose, drawn_batch, gather_pairs
-from pipeline.shards import cache_schema, read_manifest, shuffled_batches
+from pipeline.shards import cache_schema, read_manifest
+from pipeline.streaming import shuffled_batches
 
 torch.set_num_threads(1)
 GROUP_SIZE, KEEP, ROUNDS = 16, 4, 2  # 64 train images: 4 groups per round, 128 rows per round

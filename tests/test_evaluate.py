@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.data import open_data
 from pipeline.models import load_model
 from pipeline.recall import retrieval_metrics
@@ -124,3 +125,9 @@ def test_ray_workers_give_exactly_the_in_process_scores(tiny, tmp_path, full_run
         ray.shutdown()
     assert summary["workers"] == 2
     np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), np.load(out / "scores.npy"))
+
+
+def test_five_fold_on_a_count_not_divisible_by_five_is_a_config_error(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="five_fold: the 7 images .* max_images to a multiple"):
+        evaluate.run(eval_config(tiny, tmp_path, max_images=7, five_fold=True))
+    assert not (tmp_path / "scores.npy").exists()

@@ -115,6 +115,18 @@ def test_group_logits_embed_each_image_once_and_index_image_by_caption(scorer, t
     torch.testing.assert_close(matrix[3, 1], pair[0], rtol=0, atol=1e-6)  # [image i, caption j]
 
 
+@pytest.mark.parametrize("pairs_per_batch", [1, 7, 25, 100])
+def test_group_logits_in_chunks_match_one_pass(scorer, test_data, counter, pairs_per_batch):
+    image_ids = test_data.dataset.image_ids()[:5]
+    caption_ids = [test_data.dataset.image(i).caption_ids[1] for i in image_ids]
+    group = torch.tensor(list(zip(image_ids, caption_ids)))
+    with torch.no_grad():
+        whole = scorer.group_logits(group)
+        chunked = scorer.group_logits(group, pairs_per_batch)
+    assert counter.calls == [5, 5]  # the images are embedded once however many passes
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
 def test_matrix_embeds_each_image_once_even_across_caption_chunks(scorer, test_data, counter):
     image_ids = test_data.dataset.image_ids()[:3]
     caption_ids = test_data.dataset.caption_ids()  # 80 captions in chunks of 16

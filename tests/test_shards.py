@@ -16,19 +16,21 @@ from pipeline.shards import (
     SCHEMA_VERSION,
     CacheError,
     CacheManifest,
-    ShuffleBuffer,
-    _rebatch,
     cache_schema,
     check_compatible,
-    iter_batches,
     read_manifest,
     rows_to_table,
     shard_name,
-    shuffled_batches,
-    shuffled_rows,
     verify_cache,
     write_manifest,
     write_shard,
+)
+from pipeline.streaming import (
+    ShuffleBuffer,
+    _rebatch,
+    iter_batches,
+    shuffled_batches,
+    shuffled_rows,
 )
 
 torch.set_num_threads(1)

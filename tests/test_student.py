@@ -22,7 +22,8 @@ from pipeline.data import open_data
 from pipeline.models import load_model, make_student
 from pipeline.scoring import PairScorer
 from pipeline.shapes import ShapesSpec, write_shapes
-from pipeline.shards import CacheError, shuffled_batches
+from pipeline.shards import CacheError
+from pipeline.streaming import shuffled_batches
 from pipeline.training import Trainer, TrainingError
 from stages import student
 from stages.cli import app

@@ -8,7 +8,9 @@ from one G x G matrix of an in-batch group (`pipeline.groups`): G distinct rando
 caption each, so every negative is a random caption or image, as in ViLT's recipe, at a quarter of
 the cost of drawing separate negatives per direction.
 AdamW with linear warmup then linear decay; a checkpoint each epoch; `--resume` continues from
-the last one. The final model is written with `save_pretrained`.
+the last one. The final model is written with `save_pretrained`. `pairing: neighbours` builds
+each group from pairs of images with similar captions instead (harder negatives: on shapes, the
+minimal-pair twins that random groups almost never hold).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pydantic import Field
 
 from pipeline.config import StrictModel, save_resolved
 from pipeline.data import DataConfig, open_data
-from pipeline.groups import make_groups
+from pipeline.groups import make_groups, neighbour_groups
 from pipeline.models import ModelConfig, build_from_config, parameter_count, save_model
 from pipeline.runtime import seed_everything, set_threads
 from pipeline.scoring import PairScorer, pick_device
@@ -41,6 +43,9 @@ class FinetuneConfig(StrictModel):
     directions: list[Literal["tr", "ir"]] = Field(
         default_factory=lambda: ["tr", "ir"], min_length=1
     )
+    # random: G random images (ViLT's recipe); neighbours: G / 2 pairs of caption-similar images,
+    # so most queries meet a near-duplicate negative (pipeline.groups.neighbour_groups)
+    pairing: Literal["random", "neighbours"] = "random"
     lr: float = Field(default=1e-3, gt=0)
     warmup_steps: int = Field(default=100, ge=0)
     weight_decay: float = Field(default=0.01, ge=0)
@@ -77,7 +82,8 @@ def run(config: FinetuneConfig) -> dict:
     scorer = PairScorer(model, data.images, data.captions, pick_device(config.device))
 
     # schedule and trainer; resume picks up the last finished epoch
-    per_epoch = len(make_groups(train, config.group_size, config.seed, 0))
+    grouping = {"random": make_groups, "neighbours": neighbour_groups}[config.pairing]
+    per_epoch = len(grouping(train, config.group_size, config.seed, 0))
     schedule = Schedule(
         config.epochs,
         per_epoch,
@@ -94,7 +100,7 @@ def run(config: FinetuneConfig) -> dict:
     start = time.perf_counter()
     trainer.fit(
         lambda epoch: iter(
-            torch.from_numpy(make_groups(train, config.group_size, config.seed, epoch))
+            torch.from_numpy(grouping(train, config.group_size, config.seed, epoch))
         ),
         lambda group: retrieval_loss(scorer, group, directions),
         config.group_size**2,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 from pydantic import Field
+from tqdm import tqdm
 
 from pipeline.config import StrictModel, load_config, save_resolved
 from pipeline.fsio import write_text
@@ -78,15 +79,32 @@ def train_all(
     summaries = {str(c.out): _load_summary(c) for c in configs}
     todo = [c for c in configs if summaries[str(c.out)] is None]
     log.info("students: %d runs, %d already done", len(configs), len(configs) - len(todo))
+    bar = tqdm(total=len(todo), desc="students", unit="run", dynamic_ncols=True, disable=not todo)
     if todo and workers == 1 and not ray_address:
         for c in todo:
-            summaries[str(c.out)] = student.run(c)
+            summaries[str(c.out)] = _finished(c, student.run(c), bar)
     elif todo:
         init_ray(ray_address, num_cpus=max(workers * threads, 1))
         task = ray.remote(num_cpus=threads)(_train)
-        results = ray.get([task.remote(c) for c in todo])
-        summaries.update({str(c.out): s for c, s in zip(todo, results)})
+        pending = {task.remote(c): c for c in todo}
+        while pending:  # in order of completion, so the bar and the log move as runs finish
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            c = pending.pop(ready)
+            summaries[str(c.out)] = _finished(c, ray.get(ready), bar)
+    bar.close()
     return [summaries[str(c.out)] for c in configs]
+
+
+def _finished(config: student.StudentConfig, summary: dict, bar: tqdm) -> dict:
+    bar.update(1)
+    rsum = summary.get("test", {}).get("metrics", {}).get("rsum")
+    log.info(
+        "student %s: RSUM %s, trained in %.0f s",
+        Path(config.out).name,
+        "n/a" if rsum is None else f"{rsum:.1f}",
+        summary["train_seconds"],
+    )
+    return summary
 
 
 def run(config: SweepConfig, base_dir: Path = Path(".")) -> dict:

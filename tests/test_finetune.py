@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import open_data
-from pipeline.groups import make_groups
+from pipeline.groups import make_groups, neighbour_groups
 from pipeline.models import load_model
 from pipeline.scoring import PairScorer
 from pipeline.training import TrainingError
@@ -120,3 +121,25 @@ def test_group_larger_than_the_split_is_a_group_error(tiny, tmp_path):
 
     with pytest.raises(GroupError, match="group size 65"):
         finetune.run(config(tiny, tmp_path, "epochs=1", "group_size=65"))
+
+
+def test_neighbour_pairing_trains_on_the_neighbour_groups(tiny, tmp_path, monkeypatch):
+    seen = []
+    real_loss = finetune.retrieval_loss
+
+    def recording_loss(scorer, group, directions):
+        seen.append(group.clone())
+        return real_loss(scorer, group, directions)
+
+    monkeypatch.setattr(finetune, "retrieval_loss", recording_loss)
+    summary = finetune.run(config(tiny, tmp_path, "epochs=2", "pairing=neighbours"))
+    train = open_data(tiny.data_config()).split("train")
+    expected = [neighbour_groups(train, 8, seed=0, round_index=epoch) for epoch in (0, 1)]
+    assert summary["steps"] == len(seen) == sum(len(groups) for groups in expected)
+    assert torch.equal(torch.cat(seen), torch.from_numpy(np.concatenate(expected)).flatten(0, 1))
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_unknown_pairing_is_rejected_with_the_key(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="pairing"):
+        config(tiny, tmp_path, "pairing=twins")

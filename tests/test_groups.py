@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.groups import GroupError, iter_groups, make_groups
+from pipeline.groups import (
+    NEIGHBOURS,
+    GroupError,
+    caption_neighbours,
+    iter_groups,
+    make_groups,
+    neighbour_groups,
+)
 from pipeline.karpathy import RetrievalDataset, load_karpathy
 
 
@@ -96,3 +103,45 @@ def test_leftover_images_are_dropped(make_karpathy):
 def test_group_size_outside_the_split_is_an_error(repetitive, group_size):
     with pytest.raises(GroupError, match=rf"group size {group_size} must be in \[2, 24\].*train"):
         make_groups(repetitive, group_size, seed=0)
+
+
+@pytest.fixture
+def couples(make_karpathy) -> RetrievalDataset:
+    """20 train images in 10 couples: both images of couple k share the words of `topic k`."""
+    files = make_karpathy("flickr", {"train": 20, "test": 2})
+    for row, item in enumerate(files.rows[:20]):
+        couple, side = divmod(row, 2)
+        for k, sentence in enumerate(item["sentences"]):
+            sentence["raw"] = f"topic{couple} thing{couple} seen {'left' if side else 'right'} {k}"
+    files.rewrite()
+    return load_karpathy(files.json_path, files.image_root).split("train")
+
+
+def test_caption_neighbours_rank_the_image_sharing_the_most_words_first(couples):
+    neighbours = caption_neighbours(couples)
+    assert neighbours.shape == (20, NEIGHBOURS)
+    assert neighbours[:, 0].tolist() == [row ^ 1 for row in range(20)]  # the other of the couple
+    assert not (neighbours == np.arange(20)[:, None]).any(), "an image is its own neighbour"
+
+
+def test_neighbour_groups_keep_couples_together_and_follow_the_group_rules(couples):
+    for round_index in range(3):
+        groups = neighbour_groups(couples, group_size=4, seed=5, round_index=round_index)
+        check_groups(couples, groups, 4)
+        assert len(groups) == 5  # all 20 images: every couple pairs up
+        for group in groups:
+            rows = sorted(couples.image_ids().index(i) for i in group[:, 0])
+            assert {r // 2 for r in rows} == {rows[0] // 2, rows[2] // 2}  # two whole couples
+    first = neighbour_groups(couples, 4, seed=5, round_index=0)
+    assert np.array_equal(first, neighbour_groups(couples, 4, seed=5, round_index=0))
+    assert not np.array_equal(first, neighbour_groups(couples, 4, seed=5, round_index=1))
+
+
+def test_neighbour_groups_still_follow_the_rules_on_repetitive_captions(repetitive):
+    check_groups(repetitive, neighbour_groups(repetitive, group_size=4, seed=0), 4)
+
+
+@pytest.mark.parametrize("size", [3, 0, 100])
+def test_neighbour_groups_need_an_even_size_within_the_split(couples, size):
+    with pytest.raises(GroupError, match=f"group size {size} must be even"):
+        neighbour_groups(couples, group_size=size, seed=0)

@@ -272,3 +272,56 @@ def write_shapes(spec: ShapesSpec, out_dir: Path) -> Path:
         (tmp / "dataset.json").write_text(json.dumps(payload, indent=1))
     log.info("shapes: wrote %d images, %d captions to %s", len(entries), 5 * len(entries), out_dir)
     return out_dir / "dataset.json"
+
+
+# --- minimal-pair accuracy --------------------------------------------------------------------
+
+
+def read_twins(json_path: Path) -> dict[int, tuple[int, str]]:
+    """image id -> (twin image id, what the twin changes), from rows that carry `twin` (shapes
+    rows do; any Karpathy file may); empty when no row does."""
+    rows = json.loads(Path(json_path).read_text()).get("images", [])
+    return {
+        int(row["imgid"]): (int(row["twin"]), str(row.get("twin_change", "unknown")))
+        for row in rows
+        if "twin" in row and "imgid" in row
+    }
+
+
+def minimal_pair_accuracy(
+    scores: np.ndarray,
+    image_ids: list[int],
+    caption_image: np.ndarray,
+    twins: dict[int, tuple[int, str]],
+) -> dict[str, dict[str, float]]:
+    """How often a model prefers the right member of a minimal pair, per kind of change.
+
+    `scores` (I, C) is an evaluation matrix, `caption_image[c]` the row of caption c's image.
+    For an image i whose twin t is also evaluated: `tr` is the share of (own caption, twin
+    caption) pairs that image i scores own > twin; `ir` the share of i's captions that score
+    higher with i than with t. Ties count half; 0.5 is chance. Images whose twin is not among
+    the rows are skipped. Keys: each change (e.g. colour_swap) and "all".
+    """
+    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
+    columns = [np.flatnonzero(caption_image == row) for row in range(len(image_ids))]
+    per_change: dict[str, list[tuple[float, float]]] = {}
+    for image_id, (twin_id, change) in twins.items():
+        if image_id not in row_of or twin_id not in row_of:
+            continue
+        i, t = row_of[image_id], row_of[twin_id]
+        own, other = scores[i, columns[i]], scores[i, columns[t]]
+        tr = _share_greater(own[:, None], other[None, :])
+        ir = _share_greater(scores[i, columns[i]], scores[t, columns[i]])
+        per_change.setdefault(change, []).append((tr, ir))
+    result = {}
+    for change, values in sorted(per_change.items()) + [
+        ("all", [v for values in per_change.values() for v in values])
+    ]:
+        if values:
+            tr, ir = np.mean(values, axis=0)
+            result[change] = {"images": len(values), "tr": float(tr), "ir": float(ir)}
+    return result
+
+
+def _share_greater(left: np.ndarray, right: np.ndarray) -> float:
+    return float(np.mean((left > right) + 0.5 * (left == right)))

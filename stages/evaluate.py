@@ -24,6 +24,7 @@ from pipeline.fsio import write_json
 from pipeline.models import load_model, parameter_count
 from pipeline.parallel import Scorer, init_ray, scorer_actors
 from pipeline.recall import five_fold_metrics, retrieval_metrics
+from pipeline.shapes import minimal_pair_accuracy, read_twins
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,9 @@ def run(config: EvaluateConfig) -> dict:
     }
     if config.five_fold or (config.five_fold is None and len(image_ids) == 5000):
         summary["five_fold"] = five_fold_metrics(scores, caption_image)
+    twins = read_twins(dataset_spec(config.data).json_path)
+    if twins:  # shapes: how often the model tells each image from its minimal-pair twin
+        summary["minimal_pairs"] = minimal_pair_accuracy(scores, image_ids, caption_image, twins)
     write_json(out / "metrics.json", summary)
     log.info(
         "evaluate: %d pairs in %.1f s (%.0f pairs/s), RSUM %.1f",
@@ -136,6 +140,12 @@ def format_table(summary: dict) -> str:
         rows.append(
             f"shortlist: {summary['shortlist']} of split {summary['split']} (not the full protocol)"
         )
+    if summary.get("minimal_pairs"):
+        shares = "  ".join(
+            f"{change} {v['tr']:.2f}/{v['ir']:.2f}"
+            for change, v in summary["minimal_pairs"].items()
+        )
+        rows.append(f"minimal pairs, share own > twin (TR/IR; 0.50 is chance): {shares}")
     if "five_fold" in summary:
         f = summary["five_fold"]
         rows.append(

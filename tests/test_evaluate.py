@@ -13,6 +13,7 @@ from pipeline.data import open_data
 from pipeline.models import load_model
 from pipeline.recall import retrieval_metrics
 from pipeline.scoring import PairScorer
+from pipeline.shapes import minimal_pair_accuracy, read_twins
 from stages import evaluate
 
 METRIC_KEYS = {
@@ -31,6 +32,7 @@ METRIC_KEYS = {
     "n_captions",
 }
 SUMMARY_KEYS = {
+    "minimal_pairs",  # the tiny data is generated shapes, whose rows name their twins
     "model",
     "dataset",
     "split",
@@ -74,6 +76,20 @@ def test_metrics_file_has_every_key_and_counts_every_pair(full_run, tiny):
         written["metrics"]["tr_r1"] <= written["metrics"]["tr_r5"] <= written["metrics"]["tr_r10"]
     )
     assert (out / "config.yaml").is_file()
+
+
+def test_minimal_pairs_follow_from_the_scores(full_run, tiny):
+    out, summary = full_run
+    scores = np.load(out / "scores.npy")
+    dataset = open_data(tiny.data_config(), ("test",)).dataset
+    image_ids = dataset.image_ids()
+    caption_image = np.array(
+        [image_ids.index(dataset.caption_image[c]) for c in dataset.caption_ids()]
+    )
+    twins = read_twins(dataset.json_path)
+    expected = minimal_pair_accuracy(scores, image_ids, caption_image, twins)
+    assert summary["minimal_pairs"] == expected and expected["all"]["images"] == 16
+    assert "minimal pairs, share own > twin" in evaluate.format_table(summary)
 
 
 def test_scores_are_the_model_scores_and_metrics_follow_from_them(full_run, tiny):

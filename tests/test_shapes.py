@@ -17,6 +17,8 @@ from pipeline.shapes import (
     ShapesSpec,
     build_entries,
     captions_for,
+    minimal_pair_accuracy,
+    read_twins,
     render,
     write_shapes,
 )
@@ -196,3 +198,34 @@ def test_captions_tokenize_without_unknown_words(entries):
     assert not unknown
     longest = max(len(tokenizer(s["raw"])["input_ids"]) for e in entries for s in e["sentences"])
     assert longest <= VILT_MAX_TOKENS
+
+
+def test_minimal_pair_accuracy_counts_wins_over_the_twin_per_change():
+    # rows: images 10, 11 (twins, colour_swap), 12 (twin 13 not evaluated); 2 captions each
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    scores = np.array(
+        [
+            [5.0, 1.0, 2.0, 2.0, 0.0, 0.0],  # image 10: own 5 beats both twin captions, own 1 not
+            [0.0, 9.0, 3.0, 3.0, 0.0, 0.0],  # image 11: ties with itself on own captions
+            [0.0, 0.0, 0.0, 0.0, 1.0, 1.0],
+        ]
+    )
+    twins = {10: (11, "colour_swap"), 11: (10, "colour_swap"), 12: (13, "size")}
+    got = minimal_pair_accuracy(scores, [10, 11, 12], caption_image, twins)
+    assert set(got) == {"colour_swap", "all"}  # image 12's twin is not among the rows
+    # image 10, TR: own {5, 1} vs twin {2, 2} -> 2 of 4 wins; image 11, TR: own {3, 3} vs
+    # twin {0, 9} -> 1 win, 1 loss, of 4 -> 2 of 4
+    assert got["colour_swap"]["tr"] == pytest.approx((2 / 4 + 2 / 4) / 2)
+    # IR: caption of 10 scores higher with 10 than with 11: 5 > 0 yes, 1 < 9 no -> 1/2;
+    # captions of 11 with 11 (3, 3) vs with 10 (2, 2) -> 2/2
+    assert got["colour_swap"]["ir"] == pytest.approx((1 / 2 + 1) / 2)
+    assert got["colour_swap"]["images"] == got["all"]["images"] == 2
+
+
+def test_minimal_pair_accuracy_counts_ties_as_half_and_reads_twins(tmp_path):
+    write_shapes(ShapesSpec(train=4, val=2, test=2, image_size=32), tmp_path / "shapes")
+    twins = read_twins(tmp_path / "shapes" / "dataset.json")
+    assert len(twins) == 8 and all(twins[twins[i][0]][0] == i for i in twins)
+    caption_image = np.repeat(np.arange(2), 5)
+    got = minimal_pair_accuracy(np.zeros((2, 10)), [6, 7], caption_image, twins)
+    assert got["all"] == {"images": 2, "tr": 0.5, "ir": 0.5}

@@ -297,6 +297,42 @@ def _table3(results: Results) -> str:
     return "## Table III analogue: ablations\n\n" + metric_table(results, TABLE3, "table3")
 
 
+MINIMAL_PAIRS_INTRO = (
+    "How often each model prefers the right member of a minimal pair (two test images that"
+    " differ in one thing): the share of comparisons in which an image scores its own caption"
+    " above its twin's (TR) and a caption scores its own image above the twin (IR), averaged"
+    " over both directions; 0.50 is chance. A bag of words cannot separate colour swaps or"
+    " flipped relations; a model that binds attributes to objects can."
+)
+
+
+def _minimal_pair_share(record: dict[str, Any], change: str) -> float | None:
+    shares = lookup(record, "minimal_pairs", change)
+    return None if shares is None else (shares["tr"] + shares["ir"]) / 2
+
+
+def _minimal_pairs(results: Results) -> str:
+    """Teacher and Table II models by kind of change; empty when the dataset names no twins."""
+    teacher = results.get("teacher") or {}
+    rows = [(f"Teacher ({teacher.get('layers', '?')}L)", [teacher] if teacher else [])]
+    for variant, label in TABLE2.items():
+        runs = runs_for(results, variant, "table2")
+        rows.append((label, [(run.get("summary") or {}).get("test") or {} for run in runs]))
+    changes = sorted(
+        {change for _, records in rows for r in records for change in r.get("minimal_pairs", {})}
+        - {"all"}
+    )
+    if not changes:
+        return ""
+    columns = [*changes, "all"]
+    lines = [
+        [label, *(stat(_minimal_pair_share(r, c) for r in records).text(2) for c in columns)]
+        for label, records in rows
+    ]
+    table = md_table(["Model", *(c.replace("_", " ") for c in columns)], lines)
+    return "## Minimal pairs\n\n" + MINIMAL_PAIRS_INTRO + "\n\n" + table
+
+
 def _fig3_line(point: Fig3Point) -> list[str]:
     recall = [point.metric(key).text(1) for key in ("tr_r1", "ir_r1", "rsum")]
     return [point.label, *recall, point.train_seconds.text(1), str(len(point.runs))]
@@ -400,5 +436,8 @@ def _timings(results: Results) -> str:
 
 def render_markdown(results: Results) -> str:
     """The whole report.md text; figures are linked as figures/<name>.png when drawn."""
-    sections = (_header, _table2, _table3, _fig3, _fig4, _inspection, _claims, _timings)
-    return "\n\n".join(section(results) for section in sections) + "\n"
+    sections = (
+        _header, _table2, _table3, _fig3, _fig4, _minimal_pairs, _inspection, _claims, _timings
+    )  # fmt: skip
+    texts = [section(results) for section in sections]
+    return "\n\n".join(text for text in texts if text) + "\n"

@@ -428,3 +428,30 @@ def test_figures_are_pure_and_saveable(tmp_path: Path) -> None:
     save_png(figures["fig4"], tmp_path / "fig4.png")
     assert_png(tmp_path / "fig4.png")
     assert make_figures({"students": []}) == {}
+
+
+def test_minimal_pairs_table_averages_both_directions_over_seeds() -> None:
+    results = make_results()
+    shares = {"colour": (1.0, 0.9), "relation_flip": (0.5, 0.4)}
+    results["teacher"]["minimal_pairs"] = {
+        change: {"images": 10, "tr": tr, "ir": ir} for change, (tr, ir) in shares.items()
+    } | {"all": {"images": 20, "tr": 0.75, "ir": 0.65}}
+    dcd_runs = [r for r in results["students"] if r["name"] == "dcd"]
+    for offset, run in enumerate(dcd_runs):
+        run["summary"]["test"]["minimal_pairs"] = {
+            "colour": {"images": 10, "tr": 0.8 + offset / 10, "ir": 0.8},
+            "all": {"images": 10, "tr": 0.8 + offset / 10, "ir": 0.8},
+        }
+    markdown = render_markdown(results)
+    assert markdown.index("## Fig. 4") < markdown.index("## Minimal pairs")
+    assert markdown.index("## Minimal pairs") < markdown.index("## Hard negatives")
+    rows = table_rows(markdown, "## Minimal pairs")
+    assert rows["Model"] == ["colour", "relation flip", "all"]
+    assert rows["Teacher (12L)"] == ["0.95", "0.45", "0.70"]
+    dcd_values = [0.8 + offset / 20 for offset in range(len(dcd_runs))]
+    assert rows["DCD"] == [expected_cell(dcd_values, 2), "—", expected_cell(dcd_values, 2)]
+    assert rows["Fine-tune"] == ["—", "—", "—"]
+
+
+def test_no_minimal_pairs_section_without_twins() -> None:
+    assert "## Minimal pairs" not in render_markdown(make_results())

@@ -70,6 +70,7 @@ class RunConfig(StrictModel):
     teacher_recipe: list[Path] = Field(
         default_factory=lambda: [
             Path("configs/shapes_stage1.yaml"),
+            Path("configs/shapes_stage2.yaml"),
             Path("configs/teacher_shapes.yaml"),
         ]
     )

@@ -129,16 +129,24 @@ class Curve:
     """Fig. 4 for one variant: per epoch, the student's mean validation score of the positive
     and of its three highest negatives, over seeds; `final_gap` per seed at its last epoch."""
 
-    epochs: tuple[int, ...]
+    epochs: tuple[float, ...]
     positive: tuple[Stat, ...]
     negative: tuple[Stat, ...]
     final_gap: Stat
 
 
 def _epoch_events(run: Run) -> list[dict[str, Any]]:
+    """Separability records in training order, one per point in time: the probes taken every
+    few steps (epoch as a fraction, 0 = before training) and the epoch ends, which win where a
+    probe fell on the same step."""
     events = lookup(run, "summary", "separability") or []
     keys = ("epoch", "val_positive", "val_top3_negative")
-    return sorted((e for e in events if all(k in e for k in keys)), key=lambda e: e["epoch"])
+    by_epoch: dict[float, dict[str, Any]] = {}
+    for event in sorted(
+        (e for e in events if all(k in e for k in keys)), key=lambda e: e.get("event") != "probe"
+    ):
+        by_epoch[round(float(event["epoch"]), 4)] = event
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
 def separability_curve(runs: list[Run]) -> Curve | None:
@@ -236,7 +244,7 @@ def fig3_figure(points: list[Fig3Point]) -> Figure:
 
 def _series(
     axes: Axes,
-    curve_epochs: tuple[int, ...],
+    curve_epochs: tuple[float, ...],
     stats: tuple[Stat, ...],
     colour: str,
     style: str,
@@ -272,8 +280,10 @@ def fig4_figure(curves: dict[str, Curve], teacher: dict[str, float] | None = Non
     ):
         if key in teacher:
             axes.axhline(teacher[key], color="black", linestyle=style, linewidth=1, label=label)
-    axes.set_xlabel("epoch")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("epoch (0 = the student as cut from the teacher)")
+    all_epochs = [epoch for curve in curves.values() for epoch in curve.epochs]
+    if all(float(epoch).is_integer() for epoch in all_epochs):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("mean score (logit), validation split")
     axes.set_title("Fig. 4 analogue: positive vs hardest negatives", fontsize=11)
     axes.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))

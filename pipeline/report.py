@@ -371,7 +371,8 @@ def _fig4(results: Results) -> str:
     link = _figure_link(results, "fig4", "Fig. 4: validation score of positive and negatives")
     intro = (
         "Student mean validation score of the positive and of its three highest negatives"
-        " after each epoch (mean over seeds); the gap is positive minus negatives."
+        " over training (mean over seeds): before the first step, every `separability_every`"
+        " steps and at each epoch end; the gap is positive minus negatives."
     )
     return "## Fig. 4 analogue: separability\n\n" + "\n\n".join([intro, link, "\n".join(lines)])
 

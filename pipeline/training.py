@@ -141,12 +141,20 @@ class Trainer:
         loss_fn: LossFn,
         pairs_per_batch: int,
         on_epoch_end: Callable[[int], dict] | None = None,
+        probe: Callable[[], dict] | None = None,
+        probe_every: int = 0,
     ) -> TrainState:
         """Train the remaining epochs. `epoch_batches(epoch)` must be a pure function of the
-        epoch (seeded), which is what makes a resumed run equal an uninterrupted one."""
+        epoch (seeded), which is what makes a resumed run equal an uninterrupted one.
+
+        `probe`, when given, measures the model before the first step and after every
+        `probe_every` steps (0: only before the first step); each result is logged as a
+        "probe" record with the step and the epochs done as a fraction."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._probe, self._probe_every = probe, probe_every
         if self.state.step == 0:
             self.metrics_path.unlink(missing_ok=True)  # a fresh run never appends to an old log
+            self._run_probe()
         bar = tqdm(
             total=self.schedule.total_steps,
             initial=self.state.step,
@@ -180,8 +188,20 @@ class Trainer:
                 record = window.flush(self.state.step, epoch, lr)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                 self._write_metrics(record)
+            if self._probe_every and self.state.step % self._probe_every == 0:
+                self._run_probe()
             fetch_start = time.perf_counter()
         self.model.eval()
+
+    def _run_probe(self) -> None:
+        if self._probe is None:
+            return
+        measured = self._probe()
+        self.model.train()  # a probe may switch the model to eval mode
+        epochs = self.state.step / self.schedule.steps_per_epoch
+        self._write_metrics(
+            {"event": "probe", "step": self.state.step, "epoch": round(epochs, 4), **measured}
+        )
 
     def _step(self, batch: object, loss_fn: LossFn) -> dict[str, float]:
         terms = loss_fn(batch)

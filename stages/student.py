@@ -77,7 +77,9 @@ class StudentConfig(StrictModel):
     threads: int | None = Field(default=None, gt=0)
     device: str = "auto"
     log_every: int = Field(default=20, gt=0)
-    separability_groups: int = Field(default=4, ge=0)  # val groups tracked per epoch (Fig. 4)
+    separability_groups: int = Field(default=4, ge=0)  # val groups tracked for Fig. 4
+    # Fig. 4 is also measured before the first step and every N steps (0: at epoch ends only)
+    separability_every: int = Field(default=25, ge=0)
     evaluate: bool = True  # full-matrix test evaluation at the end
     eval_max_images: int | None = Field(default=None, ge=1)  # a shortlist; the report names it
     resume: bool = False
@@ -211,12 +213,15 @@ def run(config: StudentConfig) -> dict:
             : config.separability_groups
         ]
     )
+    measure = (lambda: separability(student, val_groups)) if len(val_groups) else None
     start = time.perf_counter()
     trainer.fit(
         epoch_batches,
         loss,
         config.batch_queries * config.keep,
-        on_epoch_end=lambda epoch: separability(student, val_groups) if len(val_groups) else {},
+        on_epoch_end=lambda epoch: measure() if measure else {},
+        probe=measure if config.separability_every else None,
+        probe_every=config.separability_every,
     )
     seconds = time.perf_counter() - start
     save_model(student.model.cpu(), out / "model")
@@ -238,7 +243,7 @@ def _finish(
         if steps
         else None,
         "data_wait": round(sum(r["data_wait"] for r in steps) / len(steps), 3) if steps else None,
-        "separability": [r for r in trainer.state.history if r.get("event") == "epoch"],
+        "separability": [r for r in trainer.state.history if r.get("event") in ("epoch", "probe")],
     }
     if config.evaluate:
         from stages import evaluate

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.figures import Stat, make_figures, save_png
+from pipeline.figures import Stat, make_figures, save_png, separability_curves
 from pipeline.report import (
     INCONCLUSIVE,
     NOT_SUPPORTED,
@@ -277,6 +277,33 @@ def test_fig4_final_gaps() -> None:
     gaps = [0.5 + 3.0 * SEPARATION["dcd"] + 0.1 * s for s in SEEDS]
     assert f"- DCD: final gap {expected_cell(gaps, 2)}" in markdown
     assert "- Teacher (reference): gap 6.00" in markdown
+
+
+def test_fig4_curve_merges_probes_and_epoch_ends() -> None:
+    results = make_results()
+    for run in results["students"]:
+        if run["variant"] == "dcd":
+            events = run["summary"]["separability"]
+            probes = [
+                {
+                    "event": "probe",
+                    "epoch": e,
+                    "step": int(10 * e),
+                    "val_positive": 0.0,
+                    "val_top3_negative": 0.0,
+                }
+                for e in (0.0, 0.5, 1.0, 1.5)
+            ]
+            run["summary"]["separability"] = probes + events
+    curve = separability_curves(results)["dcd"]
+    assert curve.epochs == (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+    # at epoch 1 a probe and the epoch end coincide: the epoch end's numbers are kept
+    at_one = curve.positive[2].mean
+    assert at_one == pytest.approx(1.0 + 0.5 * SEPARATION["dcd"] + 0.1 * sum(SEEDS) / len(SEEDS))
+    assert curve.positive[0].mean == 0.0
+    markdown = render_markdown(results)
+    gaps = [0.5 + 3.0 * SEPARATION["dcd"] + 0.1 * s for s in SEEDS]
+    assert f"- DCD: final gap {expected_cell(gaps, 2)}" in markdown
 
 
 # ----------------------------------------------------------------------------- claims

@@ -107,6 +107,31 @@ def test_training_changes_the_weights_and_writes_a_checkpoint_per_epoch(tmp_path
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs
 
 
+def test_probe_runs_before_the_first_step_and_every_n_steps(tmp_path):
+    trainer = make_trainer(tmp_path)  # 2 epochs of 3 steps
+    seen_steps = []
+
+    def probe() -> dict:
+        seen_steps.append(trainer.state.step)
+        trainer.model.eval()  # the trainer must put the model back in training mode
+        return {"score": float(trainer.state.step)}
+
+    trainer.fit(batches, Loss(trainer.model), BATCH, probe=probe, probe_every=2)
+    probes = [r for r in metric_lines(tmp_path) if r["event"] == "probe"]
+    assert seen_steps == [0, 2, 4, 6]
+    assert probes == [
+        {"event": "probe", "step": step, "epoch": round(step / STEPS_PER_EPOCH, 4), "score": step}
+        for step in (0, 2, 4, 6)
+    ]
+    assert trainer.state.step == 6
+
+
+def test_probe_every_zero_probes_only_before_training(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.fit(batches, Loss(trainer.model), BATCH, probe=lambda: {"score": 1.0})
+    assert [r["step"] for r in metric_lines(tmp_path) if r["event"] == "probe"] == [0]
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     straight = make_trainer(tmp_path / "straight")
     straight.fit(batches, Loss(straight.model), BATCH)

@@ -290,6 +290,17 @@ def evaluate(
 # --- the main job ---------------------------------------------------------------------------
 
 
+def run_command(config: Path | None, quick: bool, seeds: int | None, set_: list[str] | None) -> str:
+    """The `dcd run` command line as the report names it, overrides included."""
+    return " ".join(
+        ["dcd run"]
+        + ([str(config)] if config else [])
+        + (["--quick"] if quick else [])
+        + ([f"--seeds {seeds}"] if seeds else [])
+        + [f"--set {item}" for item in set_ or []]
+    )
+
+
 @app.command("run")
 def run_all(
     config: ConfigArg = None,
@@ -304,7 +315,7 @@ def run_all(
     cfg = build(
         stage.RunConfig, config, set_, out=out, seeds=seeds, profile="quick" if quick else None
     )
-    command = "dcd run" + (" --quick" if quick else "") + (f" --seeds {seeds}" if seeds else "")
+    command = run_command(config, quick, seeds, set_)
     summary = guarded(lambda: stage.run(cfg, command))
     typer.echo(f"report: {summary['report']}\nartifacts: {summary['out']}")
 

@@ -10,7 +10,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from stages.cli import app
+from stages.cli import app, run_command
 
 runner = CliRunner()
 
@@ -195,3 +195,21 @@ def test_help_works_for_every_command():
         result = dcd(*path, "--help")
         assert result.exit_code == 0, (path, result.output)
         assert "Usage:" in result.output, path
+
+
+def test_run_command_names_every_choice_that_shapes_the_report():
+    assert run_command(None, False, None, None) == "dcd run"
+    assert (
+        run_command(Path("configs/run.yaml"), True, 3, ["profile=long", "workers=1"])
+        == "dcd run configs/run.yaml --quick --seeds 3 --set profile=long --set workers=1"
+    )
+
+
+def test_run_profiles_long_trains_four_epochs_on_four_rounds():
+    from pipeline.config import load_config
+    from stages.run import PROFILES, RunConfig
+
+    config = load_config(RunConfig, None, ["profile=long"])
+    long = PROFILES[config.profile]
+    assert (long.student_epochs, long.cache_rounds) == (4, 4)
+    assert long.eval_max_images == PROFILES["default"].eval_max_images

@@ -94,6 +94,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule.lr_factor)
         self.state = TrainState()
         self.metrics_path = self.out_dir / "metrics.jsonl"
+        self._probe: Callable[[], dict] | None = None  # set by fit
+        self._probe_every = 0
 
     @property
     def checkpoint_dir(self) -> Path:

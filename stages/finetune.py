@@ -1,6 +1,7 @@
 """Teacher fine-tuning with ViLT's retrieval recipe.
 
-    dcd teacher finetune configs/teacher_shapes.yaml --out models/shapes-teacher
+    dcd teacher finetune configs/shapes_stage1.yaml   # stage 1 of the shipped teacher
+    dcd teacher finetune CONFIG --resume             # go on from the last epoch checkpoint
 
 Per query image: softmax cross-entropy over its own caption and N = G - 1 captions of other
 random images; per caption, over its image and the same N other images. Both directions come
